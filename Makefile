@@ -1,0 +1,26 @@
+# `make train` / `make test` create .venv and install the project on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+EXPERIMENT ?= macbook_char
+# the PyTorch release the project is tested with; `make TORCH=torch train` takes the newest instead
+TORCH ?= torch==2.13.0
+
+.PHONY: train test install clean
+
+$(VENV)/installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/installed
+
+train: $(VENV)/installed
+	$(PY) scripts/train.py experiment=$(EXPERIMENT) $(ARGS)
+
+test: $(VENV)/installed
+	$(PY) -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV)

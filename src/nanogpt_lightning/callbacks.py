@@ -1,0 +1,99 @@
+"""Our own Lightning callbacks: nanoGPT-style iteration lines and metrics, and a progress bar with an ETA."""
+
+from __future__ import annotations
+
+from time import perf_counter
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+# TensorBoard tags written during training (read back by the plotting tools)
+ITER_LOSS_TAG = "train/iter_loss"
+EVAL_LOSS_TAGS = {"train": "train/loss", "val": "val/loss"}
+
+
+def print_line(trainer: L.Trainer, line: str) -> None:
+    """Print once (rank zero), above the progress bar when there is one."""
+    if not trainer.is_global_zero:
+        return
+    bar = trainer.progress_bar_callback
+    if bar is not None and bar.is_enabled:
+        bar.print(line)
+    else:
+        print(line, flush=True)
+
+
+class IterationLogger(L.Callback):
+    """Every `log_interval` iterations (optimizer steps): `iter N: loss X.XXXX, time Y.YYms`.
+
+    The loss is the mean over the iteration's micro-batches; the time is the mean wall time per
+    iteration since the last line, evaluation excluded. Loss, time, tokens per second and learning
+    rate also go to the loggers. After each evaluation: `step N: train loss X.XXXX, val loss Y.YYYY`.
+    The loss is read from the device only on logged iterations, so other steps never wait for it.
+    """
+
+    def __init__(self, log_interval: int = 1):
+        if log_interval <= 0:
+            raise ValueError(f"log_interval must be a positive integer, got {log_interval}")
+        self.log_interval = log_interval
+
+    def _start_window(self, trainer: L.Trainer) -> None:
+        self._window_start = perf_counter()
+        self._window_first_step = trainer.global_step
+        self._window_tokens = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self._iteration_loss = None
+        self._last_step = trainer.global_step
+        self._start_window(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # Lightning hands back each micro-batch's loss divided by the accumulation: their sum is the mean
+        micro_loss = outputs["loss"].detach()
+        self._iteration_loss = micro_loss if self._iteration_loss is None else self._iteration_loss + micro_loss
+        self._window_tokens += batch[0].numel()
+        step = trainer.global_step
+        if step == self._last_step:
+            return  # still accumulating gradients
+        self._last_step = step
+        iteration_loss, self._iteration_loss = self._iteration_loss, None
+        if step % self.log_interval:
+            return
+        seconds = perf_counter() - self._window_start
+        ms_per_iter = 1000 * seconds / (step - self._window_first_step)
+        loss = iteration_loss.item()
+        print_line(trainer, f"iter {step}: loss {loss:.4f}, time {ms_per_iter:.2f}ms")
+        metrics = {
+            ITER_LOSS_TAG: loss,
+            "perf/ms_per_iter": ms_per_iter,
+            "perf/tokens_per_sec": self._window_tokens * trainer.world_size / seconds,
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        self._start_window(trainer)
+
+    def on_validation_start(self, trainer, pl_module):
+        self._eval_start = perf_counter()
+
+    def on_validation_end(self, trainer, pl_module):
+        self._window_start += perf_counter() - self._eval_start  # evaluation time is not iteration time
+        if trainer.sanity_checking:
+            return
+        losses = {split: trainer.callback_metrics.get(tag) for split, tag in EVAL_LOSS_TAGS.items()}
+        if all(v is not None for v in losses.values()):
+            print_line(trainer, f"step {trainer.global_step}: train loss {losses['train']:.4f}, "
+                                f"val loss {losses['val']:.4f}")
+
+
+class StepProgressBar(TQDMProgressBar):
+    """The training bar runs to max_steps x accumulation micro-batches, so it shows an ETA.
+
+    (The training stream is endless, so Lightning alone would not know the total.)
+    """
+
+    @property
+    def total_train_batches(self):
+        if self.trainer.max_steps > 0:
+            return self.trainer.max_steps * self.trainer.accumulate_grad_batches
+        return super().total_train_batches

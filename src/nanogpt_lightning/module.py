@@ -1,0 +1,79 @@
+"""The LightningModule around the plain-PyTorch GPT: loss, AdamW groups, LR schedule, evaluation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Callable
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from nanogpt_lightning.model import GPT, GPTConfig
+
+CHECKPOINT_KEY = "nanogpt_lightning"  # marks this project's checkpoints; holds what sampling needs
+EVAL_SPLITS = ("train", "val")  # order of the data module's validation loaders
+
+
+class WarmupCosineLR(LambdaLR):
+    """nanoGPT's schedule: linear warmup, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
+
+    def __init__(self, optimizer, warmup_iters: int, lr_decay_iters: int, min_lr: float, decay_lr: bool = True):
+        max_lr = optimizer.param_groups[0]["lr"]
+        if decay_lr and not 0 <= warmup_iters < lr_decay_iters:
+            raise ValueError("scheduler.warmup_iters must be >= 0 and below scheduler.lr_decay_iters")
+
+        def lr_at(it: int) -> float:
+            if not decay_lr:
+                return max_lr
+            if it < warmup_iters:
+                return max_lr * (it + 1) / (warmup_iters + 1)
+            if it > lr_decay_iters:
+                return min_lr
+            ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+            return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+
+        super().__init__(optimizer, lambda it: lr_at(it) / max_lr)
+
+
+def adamw(model: GPT, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW over nanoGPT's decay/no-decay groups, with the fused kernel (all devices we target have one)."""
+    return torch.optim.AdamW(model.optimizer_groups(weight_decay), lr=lr, betas=tuple(betas), fused=True)
+
+
+class GPTModule(L.LightningModule):
+    """Trains a GPT; an optimizer step is one iteration, whatever the gradient accumulation."""
+
+    def __init__(self, model_config: GPTConfig, tokenizer: dict,
+                 optimizer: Callable[[GPT], torch.optim.Optimizer],
+                 scheduler: Callable[[torch.optim.Optimizer], LambdaLR]):
+        super().__init__()
+        self.save_hyperparameters({"model": asdict(model_config), "tokenizer": tokenizer}, logger=False)
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.make_optimizer = optimizer
+        self.make_scheduler = scheduler
+        self.model = GPT(model_config)
+
+    def forward(self, idx, targets=None):
+        return self.model(idx, targets)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        _, loss = self.model(x, y)
+        return loss
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        _, loss = self.model(x, y)
+        self.log(f"{EVAL_SPLITS[dataloader_idx]}/loss", loss, on_epoch=True, add_dataloader_idx=False,
+                 batch_size=x.size(0))
+
+    def configure_optimizers(self):
+        optimizer = self.make_optimizer(self.model)
+        scheduler = self.make_scheduler(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint[CHECKPOINT_KEY] = {"model_config": asdict(self.model_config), "tokenizer": self.tokenizer}
