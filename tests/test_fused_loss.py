@@ -1,0 +1,85 @@
+"""The fused output layer + loss gives F.cross_entropy's numbers, and does no gradient work when off."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanogpt_lightning.fused_loss import fused_linear_cross_entropy
+from nanogpt_lightning.model import GPT, GPTConfig
+
+
+def reference(hidden, weight, targets):
+    return F.cross_entropy(hidden @ weight.t(), targets, ignore_index=-1)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7, 64])
+def test_gradcheck_float64_with_ignored_rows(chunk_rows):
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 5, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 13, (10,))
+    targets[[2, 7]] = -1
+    assert torch.autograd.gradcheck(
+        lambda h, w: fused_linear_cross_entropy(h, w, targets, chunk_rows), (hidden, weight)
+    )
+    torch.testing.assert_close(fused_linear_cross_entropy(hidden, weight, targets, chunk_rows),
+                               reference(hidden, weight, targets))
+
+
+def test_float32_matches_cross_entropy_on_a_gpt2_sized_output_layer():
+    torch.manual_seed(0)
+    hidden = torch.randn(512, 64)
+    weight = torch.randn(50304, 64) * 0.1
+    targets = torch.randint(0, 50257, (512,))
+    targets[::9] = -1
+    results = []
+    for loss_fn in (reference, fused_linear_cross_entropy):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = loss_fn(h, w, targets)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    for expected, got in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_all_rows_ignored_gives_nan_like_cross_entropy():
+    hidden, weight = torch.randn(4, 3), torch.randn(5, 3)
+    targets = torch.full((4,), -1)
+    assert fused_linear_cross_entropy(hidden, weight, targets).isnan()
+    assert reference(hidden, weight, targets).isnan()
+
+
+def test_no_gradient_work_without_grad(monkeypatch):
+    """Under no_grad (evaluation) the loss is a plain tensor and no gradient buffer is ever made."""
+    hidden = torch.randn(6, 4, requires_grad=True)
+    weight = torch.randn(9, 4, requires_grad=True)
+    targets = torch.randint(0, 9, (6,))
+    matmuls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: matmuls.append(a[0].shape) or real_mm(*a, **k))
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(hidden, weight, targets, chunk_rows=4)
+    assert not loss.requires_grad and loss.grad_fn is None
+    assert matmuls == [(4, 4), (2, 4)]  # the logits of each chunk, no gradient matmul
+    torch.testing.assert_close(loss, reference(hidden, weight, targets))
+
+
+def test_tied_gpt_gradients_equal_with_fused_loss_on_and_off():
+    torch.manual_seed(0)
+    idx = torch.randint(0, 37, (3, 8))
+    targets = torch.randint(0, 37, (3, 8))
+    targets[0, :2] = -1
+    grads = []
+    for fused in (False, True):
+        torch.manual_seed(1)
+        model = GPT(GPTConfig(block_size=8, vocab_size=37, n_layer=2, n_head=2, n_embd=16,
+                              vocab_multiple=8, fused_loss=fused)).double()
+        _, loss = model(idx, targets)
+        loss.backward()
+        assert model.lm_head.weight is model.transformer.wte.weight
+        grads.append((loss.detach(), {name: p.grad for name, p in model.named_parameters()}))
+    (loss_off, grads_off), (loss_on, grads_on) = grads
+    torch.testing.assert_close(loss_on, loss_off)
+    assert grads_on.keys() == grads_off.keys()
+    for name in grads_off:
+        torch.testing.assert_close(grads_on[name], grads_off[name], msg=name)
