@@ -1,0 +1,17 @@
+"""Generate text from a checkpoint: `python scripts/sample.py ckpt=PATH [prompt=... num_samples=... ...]`."""
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from nanogpt_lightning.errors import exit_on_user_error
+from nanogpt_lightning.sampling import sample
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    sample(**OmegaConf.to_container(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Load a checkpoint, generate text from a prompt and stream it (the body of scripts/sample.py).
+
+The checkpoint carries the model config and the tokenizer, so no dataset is needed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from torch.nn import functional as F
+
+from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.model import GPT, GPTConfig
+from nanogpt_lightning.module import CHECKPOINT_KEY
+from nanogpt_lightning.tokenizer import Tokenizer, UnknownCharactersError, tokenizer_from_meta
+
+SEPARATOR = "---------------"  # printed after each sample, as nanoGPT does
+PREFERRED_DEVICES = ("cuda", "mps", "cpu")  # what device=auto picks, best first
+
+
+def device_available(name: str) -> bool:
+    if name == "cuda":
+        return torch.cuda.is_available()
+    if name == "mps":
+        return torch.backends.mps.is_available()
+    return name == "cpu"
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: cuda, else mps, else cpu. A named device must be there."""
+    if name == "auto":
+        return torch.device(next(d for d in PREFERRED_DEVICES if device_available(d)))
+    if name not in PREFERRED_DEVICES:
+        raise UserError(f"device must be auto, cpu, mps or cuda, got {name!r}")
+    if not device_available(name):
+        raise UserError(f"device {name} is not available on this machine; use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def find_checkpoint(spec: str, runs_root: Path = Path("outputs")) -> Path:
+    """A checkpoint file; a run directory means its last.ckpt; `latest` the newest last.ckpt under `runs_root`."""
+    if spec == "latest":
+        candidates = list(runs_root.glob("**/last.ckpt"))
+        if not candidates:
+            raise UserError(f"no checkpoints under {runs_root}/; train a model first or pass ckpt=PATH")
+        return max(candidates, key=lambda p: p.stat().st_mtime)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        raise UserError(f"no last.ckpt in {path}/checkpoints or {path}; pass ckpt=FILE.ckpt")
+    if not path.is_file():
+        raise UserError(f"checkpoint {spec} does not exist; pass ckpt=FILE.ckpt, a run directory or ckpt=latest")
+    return path
+
+
+def load_checkpoint(path: Path, device: torch.device) -> tuple[GPT, Tokenizer, dict]:
+    """The model (eval mode, on `device`), its tokenizer, and the raw checkpoint."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch.load raises many kinds (KeyError, RuntimeError, ...) on non-checkpoints
+        reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        raise UserError(f"cannot read checkpoint {path} ({reason}); pass a .ckpt file written by training") from None
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
+        raise UserError(f"{path} is not a nanogpt_lightning checkpoint; pass one written by scripts/train.py")
+    meta = checkpoint[CHECKPOINT_KEY]
+    model = GPT(GPTConfig(**meta["model_config"]))
+    prefix = "model."
+    model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+    return model.to(device).eval(), tokenizer_from_meta(meta["tokenizer"]), checkpoint
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt text; `FILE:path` reads it from a file."""
+    if prompt.startswith("FILE:"):
+        path = Path(prompt[len("FILE:"):]).expanduser()
+        try:
+            prompt = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"cannot read the prompt file {path} ({err.__class__.__name__}); pass a UTF-8 text file")
+    if not prompt:
+        raise UserError("the prompt is empty; pass at least one character, e.g. prompt='\\n'")
+    return prompt
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    try:
+        return tokenizer.encode(prompt)
+    except UnknownCharactersError as err:
+        raise UserError(f"this character-level model cannot encode the prompt ({err}); remove or replace them") from None
+
+
+class TopK:
+    """The k-th largest logit of each row, for top-k filtering.
+
+    Some devices refuse `torch.topk` (mps in older PyTorch builds for k > 16); after the first refusal
+    this small step runs on the CPU for the rest of the generation.
+    """
+
+    def __init__(self):
+        self.on_cpu = False
+
+    def kth_largest(self, logits: torch.Tensor, k: int) -> torch.Tensor:
+        if not self.on_cpu:
+            try:
+                return torch.topk(logits, k).values[:, [-1]]
+            except RuntimeError:
+                self.on_cpu = True
+        return torch.topk(logits.cpu(), k).values[:, [-1]].to(logits.device)
+
+
+@torch.no_grad()
+def generate(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time; `temperature=0` is greedy.
+
+    The context is cropped to the last block_size tokens, as in nanoGPT. While the whole sequence fits
+    in the block, a key/value cache feeds only the newest token; past the block every position shifts,
+    so the cropped context is recomputed in full (what nanoGPT does at every step).
+    """
+    block_size, vocab_size = model.config.block_size, model.config.vocab_size
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=next(model.parameters()).device)
+    caches = None
+    top = TopK()
+    for _ in range(max_new_tokens):
+        if ids.size(1) > block_size:
+            hidden = model.hidden_states(ids[:, -block_size:])
+        elif caches is None:
+            caches = [{} for _ in model.transformer.h]
+            hidden = model.hidden_states(ids, caches)
+        else:
+            hidden = model.hidden_states(ids[:, -1:], caches)
+        logits = model.lm_head(hidden[:, -1, :])[:, :vocab_size]  # drop the padding of the vocabulary
+        if temperature == 0:
+            next_id = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None and top_k < vocab_size:
+                logits = logits.masked_fill(logits < top.kth_largest(logits, top_k), float("-inf"))
+            next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+        ids = torch.cat((ids, next_id), dim=1)
+        yield next_id.item()
+
+
+def stream_text(tokenizer: Tokenizer, token_ids: Iterator[int]) -> Iterator[str]:
+    """Decode ids as they come. A BPE token can end inside a multi-byte character: such ids wait
+    (shown as U+FFFD when decoded alone) until the character is complete."""
+    pending: list[int] = []
+    for token_id in token_ids:
+        pending.append(token_id)
+        text = tokenizer.decode(pending)
+        if not text.endswith("\ufffd"):
+            pending.clear()
+            yield text
+    if pending:
+        yield tokenizer.decode(pending)
+
+
+def sample(ckpt: str, prompt: str = "\n", num_samples: int = 10, max_new_tokens: int = 500,
+           temperature: float = 0.8, top_k: int | None = 200, seed: int = 1337, device: str = "auto",
+           out: TextIO = sys.stdout, info: TextIO = sys.stderr) -> list[str]:
+    """Print `num_samples` samples to `out`, each the prompt and its continuation, then a separator line.
+
+    Notes (checkpoint, speed) go to `info`. Returns the samples' texts.
+    """
+    if num_samples < 1 or max_new_tokens < 0:
+        raise UserError("num_samples must be at least 1 and max_new_tokens at least 0")
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be a positive integer or null (no filtering), got {top_k}")
+    text = read_prompt(prompt)
+    torch_device = pick_device(device)
+    path = find_checkpoint(ckpt)
+    model, tokenizer, checkpoint = load_checkpoint(path, torch_device)
+    prompt_ids = encode_prompt(tokenizer, text)
+    print(f"sampling from {path} (step {checkpoint.get('global_step', '?')}) on {torch_device}", file=info)
+
+    torch.manual_seed(seed)
+    samples = []
+    start = time.perf_counter()
+    for _ in range(num_samples):
+        out.write(text)
+        pieces = [text]
+        for piece in stream_text(tokenizer, generate(model, prompt_ids, max_new_tokens, temperature, top_k)):
+            out.write(piece)
+            out.flush()
+            pieces.append(piece)
+        out.write(f"\n{SEPARATOR}\n")
+        samples.append("".join(pieces))
+    seconds = time.perf_counter() - start
+    n_tokens = num_samples * max_new_tokens
+    print(f"{n_tokens} tokens in {seconds:.2f}s: {n_tokens / seconds:.1f} tokens/s", file=info)
+    return samples
