@@ -1,11 +1,13 @@
-"""Our own Lightning callbacks: nanoGPT-style iteration lines and metrics, and a progress bar with an ETA."""
+"""Our own Lightning callbacks: nanoGPT-style iteration lines and metrics, a progress bar with an ETA, loss.png."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from time import perf_counter
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
 
 # TensorBoard tags written during training (read back by the plotting tools)
 ITER_LOSS_TAG = "train/iter_loss"
@@ -97,3 +99,32 @@ class StepProgressBar(TQDMProgressBar):
         if self.trainer.max_steps > 0:
             return self.trainer.max_steps * self.trainer.accumulate_grad_batches
         return super().total_train_batches
+
+
+class LossPlot(L.Callback):
+    """Draw the run's losses into `<run dir>/loss.png` when training ends, also on an error or Ctrl+C.
+
+    Reads the events of the run's TensorBoard logger (its save_dir is the run directory).
+    """
+
+    def __init__(self, filename: str = "loss.png"):
+        self.filename = filename
+
+    def on_train_end(self, trainer, pl_module):
+        self._plot(trainer)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._plot(trainer)
+
+    def _plot(self, trainer: L.Trainer) -> None:
+        logger = trainer.logger
+        if not trainer.is_global_zero or not isinstance(logger, TensorBoardLogger):
+            return
+        # imported here: plotting imports this module, and matplotlib need not load before training
+        from nanogpt_lightning.plotting import curves_from_events, plot_curves
+
+        logger.experiment.flush()  # the events written so far, on disk
+        run_dir = Path(logger.save_dir)
+        curves = curves_from_events(Path(logger.log_dir), run_dir.name)
+        if curves.iters.steps or curves.evals["val"].steps:
+            plot_curves([curves], run_dir / self.filename, title=run_dir.name)

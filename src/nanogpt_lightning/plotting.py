@@ -1,0 +1,242 @@
+"""Loss curves from TensorBoard events or nanoGPT-style text logs, drawn into a PNG.
+
+A run directory (or a sweep directory holding several) is read with TensorBoard's own event reader;
+a text log is parsed from its `iter N: loss X` and `step N: train loss X, val loss Y` lines.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+from nanogpt_lightning.callbacks import EVAL_LOSS_TAGS, ITER_LOSS_TAG  # noqa: E402
+from nanogpt_lightning.errors import UserError  # noqa: E402
+
+EVENTS_GLOB = "events.out.tfevents.*"
+NUMBER = r"([-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf))"
+ITER_LINE = re.compile(rf"iter (\d+): loss {NUMBER}")
+EVAL_LINE = re.compile(rf"step (\d+): train loss {NUMBER}, val loss {NUMBER}")
+SMOOTHING = 0.9  # weight of the exponential moving average drawn over the per-iteration loss
+
+
+@dataclass
+class Series:
+    steps: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+
+    def add(self, step: int, value: float) -> None:
+        self.steps.append(step)
+        self.values.append(value)
+
+
+@dataclass
+class LossCurves:
+    """One run's losses: per iteration (`iters`) and at evaluations (`evals["train"]`, `evals["val"]`)."""
+
+    name: str
+    iters: Series = field(default_factory=Series)
+    evals: dict[str, Series] = field(default_factory=lambda: {split: Series() for split in EVAL_LOSS_TAGS})
+    config: dict[str, object] = field(default_factory=dict)  # the run's flattened Hydra config, if any
+
+    @property
+    def final_val_loss(self) -> float:
+        values = self.evals["val"].values
+        return values[-1] if values else math.nan
+
+
+def curves_from_text(text: str, name: str) -> LossCurves:
+    curves = LossCurves(name)
+    for match in ITER_LINE.finditer(text):
+        curves.iters.add(int(match[1]), float(match[2]))
+    for match in EVAL_LINE.finditer(text):
+        curves.evals["train"].add(int(match[1]), float(match[2]))
+        curves.evals["val"].add(int(match[1]), float(match[3]))
+    return curves
+
+
+def curves_from_events(events_dir: Path, name: str) -> LossCurves:
+    """The loss scalars of the TensorBoard event files in `events_dir` (all of them: resumed runs add files)."""
+    accumulator = EventAccumulator(str(events_dir), size_guidance={"scalars": 0})  # 0: keep every point
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    curves = LossCurves(name)
+    wanted = {ITER_LOSS_TAG: curves.iters} | {tag: curves.evals[split] for split, tag in EVAL_LOSS_TAGS.items()}
+    for tag, series in wanted.items():
+        for event in accumulator.Scalars(tag) if tag in tags else ():
+            series.add(event.step, event.value)
+    return curves
+
+
+def _flatten(node, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        return {k: v for key, child in node.items() for k, v in _flatten(child, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def _events_dir(run_dir: Path) -> Path:
+    """Where a run keeps its events: `tensorboard/` (our logger's layout), or the directory itself."""
+    return run_dir / "tensorboard" if any((run_dir / "tensorboard").glob(EVENTS_GLOB)) else run_dir
+
+
+def run_curves(run_dir: Path) -> LossCurves:
+    """A run directory's losses, with its Hydra config (as composed, interpolations unresolved)."""
+    curves = curves_from_events(_events_dir(run_dir), run_dir.name)
+    config_file = run_dir / ".hydra" / "config.yaml"
+    if config_file.is_file():
+        curves.config = _flatten(OmegaConf.to_container(OmegaConf.load(config_file), resolve=False))
+    return curves
+
+
+def _natural_key(path: Path) -> list:
+    """Sort `2_x` before `10_x` (sweep jobs are numbered)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def find_run_dirs(path: Path) -> list[Path]:
+    """`path` itself when it holds one run's events, else each run directory below it (a sweep)."""
+    if any(_events_dir(path).glob(EVENTS_GLOB)):
+        return [path]
+    runs = {p.parent.parent if p.parent.name == "tensorboard" else p.parent for p in path.rglob(EVENTS_GLOB)}
+    if not runs:
+        raise UserError(f"no TensorBoard events under {path}; pass a run or sweep directory, or a text log")
+    return sorted(runs, key=_natural_key)
+
+
+def load_inputs(inputs: list[str], stdin_text: str | None = None) -> list[LossCurves]:
+    """Curves for each input: a run or sweep directory, a text log file, or `-` (a log on standard input)."""
+    curves = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if item == "-":
+            curves.append(curves_from_text(stdin_text or "", "stdin"))
+        elif path.is_dir():
+            curves.extend(run_curves(run_dir) for run_dir in find_run_dirs(path))
+        elif path.is_file():
+            curves.append(curves_from_text(path.read_text(encoding="utf-8", errors="replace"), path.name))
+        else:
+            raise UserError(f"{item} does not exist; pass run directories, a sweep directory, log files or -")
+    for c in curves:
+        if not c.iters.steps and not c.evals["val"].steps:
+            raise UserError(f"no losses found in {c.name}: expected `iter N: loss X` lines or a run's train/iter_loss")
+    return curves
+
+
+def differing_keys(curves: list[LossCurves]) -> list[str]:
+    """Config keys whose values are not the same in all runs that have a config."""
+    configs = [c.config for c in curves if c.config]
+    if len(configs) < 2:
+        return []
+    keys = sorted(set().union(*configs))
+    return [k for k in keys if len({repr(config.get(k)) for config in configs}) > 1]
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """Each key's shortest dotted suffix that no other key ends with (`model.n_embd` -> `n_embd`),
+    never one starting with `_` (`callbacks.loss_plot._target_` -> `loss_plot._target_`)."""
+    names = {}
+    for key in keys:
+        parts = key.split(".")
+        suffixes = [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]
+        unique = [s for s in suffixes if not s.startswith("_")
+                  and not any(other != key and ("." + other).endswith("." + s) for other in keys)]
+        names[key] = unique[0] if unique else key
+    return names
+
+
+def config_value(curves: LossCurves, key: str) -> str:
+    return str(curves.config[key]) if key in curves.config else "-"
+
+
+def labels(curves: list[LossCurves]) -> list[str]:
+    """Each run's label: what differs in its config (`n_embd=64 lr=0.001`), else its name."""
+    keys = differing_keys(curves)
+    names = short_names(keys)
+    return [" ".join(f"{names[k]}={config_value(c, k)}" for k in keys) if c.config and keys else c.name
+            for c in curves]
+
+
+def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
+    """TensorBoard's smoothing: a debiased exponential moving average; non-finite values pass through."""
+    smoothed, average, count = [], 0.0, 0
+    for value in values:
+        if not math.isfinite(value):
+            smoothed.append(value)
+            continue
+        average = weight * average + (1 - weight) * value
+        count += 1
+        smoothed.append(average / (1 - weight**count))
+    return smoothed
+
+
+def loss_figure(curves: list[LossCurves], title: str) -> plt.Figure:
+    """Per-iteration training loss (faint: raw, solid: smoothed) and eval points (o: train, x: val), one colour per run."""
+    fig, ax = plt.subplots(figsize=(10, 6))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (c, label) in enumerate(zip(curves, labels(curves))):
+        colour = colours[i % len(colours)]
+        if c.iters.steps:
+            ax.plot(c.iters.steps, c.iters.values, color=colour, alpha=0.25, linewidth=0.8)
+            ax.plot(c.iters.steps, smooth(c.iters.values), color=colour, linewidth=1.5, label=label)
+            label = None  # one legend entry per run
+        for split, marker in (("train", "o"), ("val", "x")):
+            series = c.evals[split]
+            ax.plot(series.steps, series.values, marker, color=colour, markersize=6,
+                    markerfacecolor="none" if split == "train" else colour, label=label)
+            label = None
+    ax.plot([], [], "ko", markerfacecolor="none", label="eval: train loss")
+    ax.plot([], [], "kx", label="eval: val loss")
+    ax.set(xlabel="iteration", ylabel="loss", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_curves(curves: list[LossCurves], out: Path, title: str) -> Path:
+    fig = loss_figure(curves, title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def sweep_table(curves: list[LossCurves]) -> str:
+    """Runs sorted by final val loss (runs with none last), with the hyperparameters that differ."""
+    keys = differing_keys(curves)
+    header = ["run", "val loss"] + list(short_names(keys).values())
+    ranked = sorted(curves, key=lambda c: (math.isnan(c.final_val_loss), c.final_val_loss))
+    rows = [[c.name, f"{c.final_val_loss:.4f}"] + [config_value(c, k) for k in keys] for c in ranked]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
+
+
+def default_output(inputs: list[str]) -> Path:
+    """`loss.png` in the first run (or sweep) directory; beside a log file (`train.log` -> `train.png`);
+    here for standard input."""
+    first = Path(inputs[0]).expanduser()
+    if first.is_dir():
+        return first / "loss.png"
+    return Path("loss.png") if inputs[0] == "-" else first.with_suffix(".png")
+
+
+def plot_loss(inputs: list[str], output: str | None = None, stdin: TextIO = sys.stdin,
+              out: TextIO = sys.stdout) -> Path:
+    """Draw the inputs' losses into a PNG and print its path; with several runs, first a table ranking them."""
+    curves = load_inputs(inputs, stdin.read() if "-" in inputs else None)
+    path = plot_curves(curves, Path(output).expanduser() if output else default_output(inputs), title=" ".join("standard input" if i == "-" else i for i in inputs))
+    if len(curves) > 1:
+        print(sweep_table(curves), file=out)
+    print(path, file=out)
+    return path

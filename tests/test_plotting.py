@@ -1,0 +1,187 @@
+"""Loss plots from TensorBoard runs, sweeps and pasted text logs; loss.png at the end of training."""
+
+import io
+import signal
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.tensorboard import SummaryWriter
+
+from conftest import SONNETS, run_script
+from nanogpt_lightning.callbacks import EVAL_LOSS_TAGS, ITER_LOSS_TAG, IterationLogger, LossPlot
+from nanogpt_lightning.data import TextDataModule
+from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.model import GPTConfig
+from nanogpt_lightning.module import GPTModule, WarmupCosineLR, adamw
+from nanogpt_lightning import plotting
+from nanogpt_lightning.plotting import (
+    curves_from_text, labels, load_inputs, loss_figure, plot_curves, plot_loss, smooth,
+)
+
+ITERS = {step: 4.0 - step / 8 for step in range(1, 13)}  # exact in float32, as TensorBoard stores them
+EVALS = {6: (3.25, 3.5), 12: (2.5, 2.75)}  # step: (train, val)
+
+PASTED_LOG = """\
+step 0: train loss 4.5000, val loss 4.6250
+Epoch 0:  50%|#####     | 6/12 [00:01<00:01]
+""" + "".join(f"iter {s}: loss {v:.4f}, time 12.34ms, mfu -100.00%\n" for s, v in ITERS.items() if s < 6) + """\
+iter 6: loss 3.2500, time 11.00ms
+step 6: train loss 3.2500, val loss 3.5000
+"""
+
+
+def write_run(run: Path, iters: dict, evals: dict, config: str | None = None) -> Path:
+    """A run directory as training leaves it: TensorBoard events (and the Hydra config)."""
+    with SummaryWriter(str(run / "tensorboard")) as writer:
+        for step, loss in iters.items():
+            writer.add_scalar(ITER_LOSS_TAG, loss, step)
+        for step, (train, val) in evals.items():
+            writer.add_scalar(EVAL_LOSS_TAGS["train"], train, step)
+            writer.add_scalar(EVAL_LOSS_TAGS["val"], val, step)
+    if config is not None:
+        (run / ".hydra").mkdir()
+        (run / ".hydra" / "config.yaml").write_text(config)
+    return run
+
+
+def line_data(fig) -> list[tuple[list, list]]:
+    return [(list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[0].lines]
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+
+
+def test_tensorboard_run_is_read_and_drawn_with_its_own_numbers(tmp_path):
+    run = write_run(tmp_path / "run", ITERS, EVALS)
+    out = io.StringIO()
+    path = plot_loss([str(run)], out=out)
+    assert path == run / "loss.png" and out.getvalue() == f"{path}\n"
+    assert_png(path)
+    [curves] = load_inputs([str(run)])
+    assert (curves.iters.steps, curves.iters.values) == (list(ITERS), list(ITERS.values()))
+    assert curves.evals["train"].values == [t for t, _ in EVALS.values()]
+    assert (curves.evals["val"].steps, curves.evals["val"].values) == ([6, 12], [3.5, 2.75])
+    raw, smoothed, train_points, val_points = line_data(loss_figure([curves], "t"))[:4]
+    assert raw == (list(ITERS), list(ITERS.values()))
+    assert smoothed == (list(ITERS), smooth(list(ITERS.values())))
+    assert val_points == ([6, 12], [3.5, 2.75])
+
+
+def test_pasted_log_gives_the_picture_of_the_same_run(tmp_path):
+    pasted = curves_from_text(PASTED_LOG, "stdin")
+    assert pasted.iters.steps == [1, 2, 3, 4, 5, 6]
+    assert pasted.iters.values == [ITERS[s] for s in range(1, 7)]
+    assert (pasted.evals["train"].values, pasted.evals["val"].values) == ([4.5, 3.25], [4.625, 3.5])
+
+    path = plot_loss(["-"], output=str(tmp_path / "pasted.png"), stdin=io.StringIO(PASTED_LOG), out=io.StringIO())
+    assert_png(path)
+    run = write_run(tmp_path / "run", {s: ITERS[s] for s in range(1, 7)}, {0: (4.5, 4.625), 6: EVALS[6]})
+    [from_events] = load_inputs([str(run)])
+    assert line_data(loss_figure([pasted], "t")) == line_data(loss_figure([from_events], "t"))
+
+
+def test_text_log_file_is_plotted_beside_it(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text(PASTED_LOG)
+    assert plot_loss([str(log)], out=io.StringIO()) == tmp_path / "train.png"
+
+
+def test_sweep_runs_are_labelled_by_what_differs_and_ranked_by_val_loss(tmp_path):
+    sweep = tmp_path / "sweep"
+    config = "seed: 1337\nmodel:\n  n_layer: 2\n  n_embd: {}\noptimizer:\n  lr: 0.001\n"
+    for name, n_embd, final_val in [("0_model.n_embd=16", 16, 3.0), ("1_model.n_embd=32", 32, 2.0),
+                                    ("10_model.n_embd=64", 64, 2.5)]:
+        write_run(sweep / name, ITERS, {12: (final_val - 0.25, final_val)}, config.format(n_embd))
+    out = io.StringIO()
+    assert plot_loss([str(sweep)], out=out) == sweep / "loss.png"
+    assert out.getvalue().splitlines() == [
+        "run                 val loss  n_embd",
+        "1_model.n_embd=32   2.0000    32",
+        "10_model.n_embd=64  2.5000    64",
+        "0_model.n_embd=16   3.0000    16",
+        str(sweep / "loss.png"),
+    ]
+    curves = load_inputs([str(sweep)])
+    assert [c.name for c in curves] == ["0_model.n_embd=16", "1_model.n_embd=32", "10_model.n_embd=64"]
+    assert labels(curves) == ["n_embd=16", "n_embd=32", "n_embd=64"]
+
+
+def test_inputs_without_losses_are_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no TensorBoard events under"):
+        load_inputs([str(tmp_path / "empty")])
+    with pytest.raises(UserError, match="no losses found in stdin"):
+        load_inputs(["-"], stdin_text="nothing to see\n")
+    with pytest.raises(UserError, match="does not exist"):
+        load_inputs([str(tmp_path / "missing")])
+
+
+def test_script_error_is_one_line_and_exit_1(tmp_path):
+    result = run_script("plot_loss.py", str(tmp_path), cwd=tmp_path, check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: no TensorBoard events under") and "Traceback" not in result.stderr
+
+
+class InterruptAt(L.Callback):
+    """Ctrl+C after the given iteration."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def fit_tiny(run: Path, max_steps: int, *callbacks: L.Callback) -> None:
+    data = TextDataModule(data_dir=str(run.parent / "data"), input_file=str(SONNETS), block_size=8,
+                          batch_size=2, eval_iters=1)
+    data.prepare_data()
+    module = GPTModule(GPTConfig(block_size=8, vocab_size=data.vocab_size, n_layer=1, n_head=1, n_embd=8),
+                       data.meta["tokenizer"], optimizer=partial(adamw, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99)),
+                       scheduler=partial(WarmupCosineLR, warmup_iters=1, lr_decay_iters=10, min_lr=1e-4))
+    trainer = L.Trainer(max_steps=max_steps, max_epochs=-1, val_check_interval=3, check_val_every_n_epoch=None,
+                        num_sanity_val_steps=0, accelerator="cpu", devices=1, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        logger=TensorBoardLogger(run, name="tensorboard", version=""),
+                        callbacks=[IterationLogger(), LossPlot(), *callbacks])
+    trainer.fit(module, datamodule=data)
+
+
+@pytest.fixture
+def plotted(monkeypatch) -> list:
+    """The curves LossPlot draws, as read at that moment."""
+    drawn = []
+
+    def spy(curves, out, title):
+        drawn.extend(curves)
+        return plot_curves(curves, out, title)
+
+    monkeypatch.setattr(plotting, "plot_curves", spy)
+    return drawn
+
+
+def test_training_end_writes_loss_png_into_the_run_dir(tmp_path, plotted):
+    run = tmp_path / "run"
+    fit_tiny(run, 6)
+    assert_png(run / "loss.png")
+    [curves] = plotted
+    assert curves.iters.steps == [1, 2, 3, 4, 5, 6] and len(curves.evals["val"].steps) == 2
+    assert curves.iters.values == load_inputs([str(run)])[0].iters.values
+
+
+def test_ctrl_c_still_writes_loss_png(tmp_path, plotted):
+    run = tmp_path / "run"
+    sigint_handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning's graceful shutdown on KeyboardInterrupt
+            fit_tiny(run, 100, InterruptAt(4))
+    finally:
+        signal.signal(signal.SIGINT, sigint_handler)  # Lightning ignores further Ctrl+C after the first
+    assert_png(run / "loss.png")
+    assert plotted[0].iters.steps == [1, 2, 3, 4]
