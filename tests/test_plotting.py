@@ -1,6 +1,7 @@
 """Loss plots from TensorBoard runs, sweeps and pasted text logs; loss.png at the end of training."""
 
 import io
+import math
 import signal
 from functools import partial
 from pathlib import Path
@@ -109,6 +110,14 @@ def test_sweep_runs_are_labelled_by_what_differs_and_ranked_by_val_loss(tmp_path
     curves = load_inputs([str(sweep)])
     assert [c.name for c in curves] == ["0_model.n_embd=16", "1_model.n_embd=32", "10_model.n_embd=64"]
     assert labels(curves) == ["n_embd=16", "n_embd=32", "n_embd=64"]
+
+
+def test_smoothing_debiased_and_scaled_to_the_number_of_points():
+    assert smooth([3.0, 1.0, 2.0]) == [3.0, 1.0, 2.0]  # few points: drawn as they are
+    assert smooth([2.5] * 100) == pytest.approx([2.5] * 100)  # no pull towards 0 at the start
+    zigzag = smooth([float(i % 2) for i in range(400)])
+    assert all(0.45 < v < 0.55 for v in zigzag[100:])
+    assert math.isnan(smooth([1.0, math.nan, 1.0] * 20)[1])
 
 
 def test_inputs_without_losses_are_refused(tmp_path):

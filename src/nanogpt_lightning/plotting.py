@@ -6,6 +6,7 @@ a text log is parsed from its `iter N: loss X` and `step N: train loss X, val lo
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import sys
@@ -14,21 +15,20 @@ from pathlib import Path
 from typing import TextIO
 
 import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-
-from nanogpt_lightning.callbacks import EVAL_LOSS_TAGS, ITER_LOSS_TAG  # noqa: E402
-from nanogpt_lightning.errors import UserError  # noqa: E402
+from nanogpt_lightning.callbacks import EVAL_LOSS_TAGS, ITER_LOSS_TAG
+from nanogpt_lightning.errors import UserError
 
 EVENTS_GLOB = "events.out.tfevents.*"
 NUMBER = r"([-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf))"
 ITER_LINE = re.compile(rf"iter (\d+): loss {NUMBER}")
 EVAL_LINE = re.compile(rf"step (\d+): train loss {NUMBER}, val loss {NUMBER}")
-SMOOTHING = 0.9  # weight of the exponential moving average drawn over the per-iteration loss
+SMOOTHING_SPAN = 20  # the smoothed curve averages over about 1/SMOOTHING_SPAN of a run's logged points
 
 
 @dataclass
@@ -69,7 +69,13 @@ def curves_from_text(text: str, name: str) -> LossCurves:
 def curves_from_events(events_dir: Path, name: str) -> LossCurves:
     """The loss scalars of the TensorBoard event files in `events_dir` (all of them: resumed runs add files)."""
     accumulator = EventAccumulator(str(events_dir), size_guidance={"scalars": 0})  # 0: keep every point
-    accumulator.Reload()
+    reader_log = logging.getLogger("tensorboard")
+    level = reader_log.level
+    reader_log.setLevel(logging.WARNING)  # the reader notes each file it has finished at INFO: noise in a run's log
+    try:
+        accumulator.Reload()
+    finally:
+        reader_log.setLevel(level)
     tags = set(accumulator.Tags()["scalars"])
     curves = LossCurves(name)
     wanted = {ITER_LOSS_TAG: curves.iters} | {tag: curves.evals[split] for split, tag in EVAL_LOSS_TAGS.items()}
@@ -167,8 +173,10 @@ def labels(curves: list[LossCurves]) -> list[str]:
             for c in curves]
 
 
-def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
-    """TensorBoard's smoothing: a debiased exponential moving average; non-finite values pass through."""
+def smooth(values: list[float]) -> list[float]:
+    """TensorBoard's smoothing, a debiased exponential moving average, over a window that grows with the
+    number of points (a run logged every 10 iterations is not flattened); non-finite values pass through."""
+    weight = max(0.0, 1 - SMOOTHING_SPAN / len(values)) if values else 0.0
     smoothed, average, count = [], 0.0, 0
     for value in values:
         if not math.isfinite(value):
@@ -180,10 +188,12 @@ def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
     return smoothed
 
 
-def loss_figure(curves: list[LossCurves], title: str) -> plt.Figure:
+def loss_figure(curves: list[LossCurves], title: str) -> Figure:
     """Per-iteration training loss (faint: raw, solid: smoothed) and eval points (o: train, x: val), one colour per run."""
-    fig, ax = plt.subplots(figsize=(10, 6))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(10, 6))  # drawn by Agg, without pyplot: no window, no global figure state
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (c, label) in enumerate(zip(curves, labels(curves))):
         colour = colours[i % len(colours)]
         if c.iters.steps:
@@ -208,8 +218,12 @@ def plot_curves(curves: list[LossCurves], out: Path, title: str) -> Path:
     fig = loss_figure(curves, title)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return out
+
+
+def shorten(name: str, width: int = 32) -> str:
+    """Sweep job directories repeat every override in their names; the job number at the front is enough."""
+    return name if len(name) <= width else name[:width - 1] + "…"
 
 
 def sweep_table(curves: list[LossCurves]) -> str:
@@ -217,7 +231,7 @@ def sweep_table(curves: list[LossCurves]) -> str:
     keys = differing_keys(curves)
     header = ["run", "val loss"] + list(short_names(keys).values())
     ranked = sorted(curves, key=lambda c: (math.isnan(c.final_val_loss), c.final_val_loss))
-    rows = [[c.name, f"{c.final_val_loss:.4f}"] + [config_value(c, k) for k in keys] for c in ranked]
+    rows = [[shorten(c.name), f"{c.final_val_loss:.4f}"] + [config_value(c, k) for k in keys] for c in ranked]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
 
