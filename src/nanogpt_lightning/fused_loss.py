@@ -13,9 +13,10 @@ d(loss)/d(W) = (P - Y)^T @ (scale * hidden), with P the softmax and Y the one-ho
 
 import torch
 
-# rows per chunk, picked with scripts/bench.py on a 2-core CPU (GPT-2 vocabulary, n_embd 64):
-# large enough for efficient matmuls, small enough that the two (rows x vocab) buffers stay in cache
-DEFAULT_CHUNK_ROWS = 128
+# rows per chunk, timed on a shared 2-core CPU (GPT-2 vocabulary, n_embd 64, 512 rows): 32 and 64 lose
+# to 128 and 256, and far more when another process takes a core (each chunk's kernels wait for it);
+# 256 keeps the two (rows x vocab) buffers at a quarter of the full logits each
+DEFAULT_CHUNK_ROWS = 256
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -63,14 +64,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (
-            grad_hidden * grad_loss if grad_hidden is not None else None,
-            grad_weight * grad_loss if grad_weight is not None else None,
-            None,
-            None,
-            None,
-        )
+        # out of place: a graph kept with retain_graph=True can be backpropagated again
+        return *(g * grad_loss if g is not None else None for g in ctx.saved_tensors), None, None, None
 
 
 def fused_linear_cross_entropy(hidden, weight, targets, chunk_rows: int = DEFAULT_CHUNK_ROWS):

@@ -1,0 +1,359 @@
+"""Time training iterations of one config three ways in one run, interleaved (the body of scripts/bench.py).
+
+1. `plain`: nanoGPT's train.py loop (memmap batches, F.cross_entropy on the full logits), same GPT class.
+2. `lightning`: the real Trainer of the composed config (all callbacks, TensorBoard logger), fused loss off.
+3. `lightning+fused`: the same with the fused output layer + loss on.
+
+Each variant runs in its own thread, but only one at a time: after `warmup` iterations, then after each
+`steps` more, it hands over to the next one, so machine noise falls on all variants alike. A fp32
+matmul takes its turn too, giving the machine's peak under the same conditions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from time import perf_counter
+
+import lightning as L
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.training import build_datamodule, build_module
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
+MATMUL_SIZE = {"cpu": 2048}  # other devices: 8192
+MATMULS_PER_TURN = 5
+VARIANTS = ("plain", "lightning", "lightning+fused")
+
+
+def resolve_device(accelerator: str) -> torch.device:
+    """The device Lightning picks for `trainer.accelerator` (auto: cuda, then mps, then cpu)."""
+    if accelerator in ("auto", "gpu"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        if accelerator == "gpu":
+            raise UserError("trainer.accelerator=gpu but no cuda or mps device is available")
+        return torch.device("cpu")
+    if accelerator not in ("cpu", "cuda", "mps"):
+        raise UserError(f"bench.py supports trainer.accelerator auto, cpu, cuda or mps, not {accelerator!r}")
+    return torch.device(accelerator)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+class StepMemory:
+    """Peak memory of one step above what is held before it: device allocator stats on cuda; on a
+    Linux CPU the resident-set high-water mark, reset (/proc/self/clear_refs) after glibc's free
+    memory is handed back (malloc_trim), so one variant's freed pages do not hide another's."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.method = None
+        if device.type == "cuda":
+            self.method = "torch.cuda.max_memory_allocated during the step minus memory_allocated before"
+        elif device.type == "cpu" and sys.platform == "linux":
+            try:
+                self._malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+                self.method = "VmHWM during the step minus VmRSS before it (Linux /proc, after malloc_trim)"
+            except (OSError, AttributeError):
+                pass
+
+    @staticmethod
+    def _proc_status_bytes(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    def start(self) -> int | None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+        if self.method is None:
+            return None
+        self._malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        return self._proc_status_bytes("VmRSS")
+
+    def peak_above(self, start: int | None) -> int | None:
+        if start is None:
+            return None
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated() - start
+        return self._proc_status_bytes("VmHWM") - start
+
+
+class Turns:
+    """Lets the participants run one at a time, in order, each until it hands over."""
+
+    def __init__(self, n: int):
+        self._cond = threading.Condition()
+        self._turn = 0
+        self._done = [False] * n
+
+    def wait(self, i: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._turn == i)
+
+    def hand_over(self, i: int, finished: bool = False) -> None:
+        with self._cond:
+            self._done[i] |= finished
+            n = len(self._done)
+            for k in range(1, n + 1):
+                if not self._done[(i + k) % n]:
+                    self._turn = (i + k) % n
+                    break
+            self._cond.notify_all()
+
+
+@dataclass
+class Clock:
+    """Times one participant's iterations (`tick` ends one) and hands over at the end of each turn."""
+
+    index: int
+    turns: Turns
+    turn_lengths: list[int]  # iterations per turn; the first turn is warm-up
+    device: torch.device
+    memory: StepMemory | None  # measures the last warm-up iteration
+    times: list[float] = field(default_factory=list)  # seconds of each iteration after warm-up
+    peak_memory: int | None = None
+    _ticks: int = 0
+    _discard: bool = False
+
+    def start(self) -> None:
+        self.turns.wait(self.index)
+        self._last = perf_counter()
+
+    def discard_current(self) -> None:
+        """Leave the running iteration out (e.g. it ran an evaluation)."""
+        self._discard = True
+
+    def tick(self) -> None:
+        synchronize(self.device)
+        elapsed = perf_counter() - self._last
+        self._ticks += 1
+        warmup = self.turn_lengths[0]
+        if self._ticks > warmup and not self._discard:
+            self.times.append(elapsed)
+        self._discard = False
+        if self.memory is not None and self._ticks == warmup - 1:
+            self._memory_start = self.memory.start()
+        elif self.memory is not None and self._ticks == warmup:
+            self.peak_memory = self.memory.peak_above(self._memory_start)
+        ends = np.cumsum(self.turn_lengths)
+        if self._ticks in ends[:-1]:  # after the last turn the loop ends and the runner hands over
+            self.turns.hand_over(self.index)
+            self.turns.wait(self.index)
+        self._last = perf_counter()
+
+
+class _LightningClock(L.Callback):
+    """Ticks the clock at each optimizer step; an iteration that ran an evaluation is left out."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
+
+    def on_train_start(self, trainer, pl_module):
+        self._step = trainer.global_step
+
+    def on_validation_start(self, trainer, pl_module):
+        self.clock.discard_current()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self._step:
+            self._step = trainer.global_step
+            self.clock.tick()
+
+
+def plain_pytorch_loop(cfg: DictConfig, device: torch.device, iterations: int, clock: Clock) -> None:
+    """nanoGPT's train.py loop, on the project's GPT with `F.cross_entropy` on the full logits."""
+    datamodule = build_datamodule(cfg)
+    L.seed_everything(cfg.seed, verbose=False)
+    model = build_module(cfg, datamodule).model.to(device)
+    block_size, batch_size = datamodule.block_size, datamodule.batch_size
+    accumulation = cfg.trainer.accumulate_grad_batches
+    # nanoGPT uses the fused AdamW on cuda only
+    optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.optimizer.weight_decay), lr=cfg.optimizer.lr,
+                                  betas=tuple(cfg.optimizer.betas), fused=device.type == "cuda")
+    scheduler = instantiate(cfg.scheduler)(optimizer)  # sets the learning rate of each iteration
+
+    def get_batch():
+        # nanoGPT recreates the memmap every batch to avoid a memory leak
+        data = np.memmap(datamodule.data_dir / "train.bin", dtype=np.uint16, mode="r")
+        ix = torch.randint(len(data) - block_size, (batch_size,))
+        x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
+        if device.type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+    clock.start()
+    x, y = get_batch()
+    for iteration in range(iterations):
+        for _ in range(accumulation):
+            _, loss = model(x, y)
+            loss = loss / accumulation
+            x, y = get_batch()
+            loss.backward()
+        if cfg.trainer.gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if iteration % cfg.log_interval == 0:
+            print(f"plain iter {iteration}: loss {loss.item() * accumulation:.4f}", flush=True)
+        clock.tick()
+
+
+def lightning_loop(cfg: DictConfig, clock: Clock) -> None:
+    """The Trainer train.py builds from the config (its callbacks and logger), plus the bench's clock."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [_LightningClock(clock)]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
+    clock.start()
+    trainer.fit(module, datamodule=datamodule)
+
+
+def matmul_peak(device: torch.device, turns: int, clock: Clock) -> None:
+    """Square fp32 matmuls, one burst per turn; the best burst is the machine's peak."""
+    n = MATMUL_SIZE.get(device.type, 8192)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    clock.start()
+    for _ in range(turns):
+        for _ in range(MATMULS_PER_TURN):
+            a @ b
+        clock.tick()
+
+
+def matmul_flops(device: torch.device) -> float:
+    return MATMULS_PER_TURN * 2 * MATMUL_SIZE.get(device.type, 8192) ** 3
+
+
+def compose_config(overrides: list[str], output_dir: str) -> DictConfig:
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=[*overrides, f"hydra.runtime.output_dir={output_dir}"],
+                          return_hydra_config=True)
+    except HydraException as err:
+        raise UserError(str(err).splitlines()[0]) from None
+    HydraConfig.instance().set_config(cfg)  # resolves ${hydra:runtime.output_dir} in the config
+    return cfg
+
+
+def variant_config(cfg: DictConfig, fused_loss: bool, max_steps: int, accelerator: str) -> DictConfig:
+    cfg = cfg.copy()
+    cfg.model.fused_loss = fused_loss
+    cfg.trainer.max_steps = max_steps
+    cfg.trainer.accelerator = accelerator
+    return cfg
+
+
+def run(overrides: list[str], warmup: int, rounds: int, steps: int) -> dict[str, Clock]:
+    if warmup < 2 or rounds < 1 or steps < 1:
+        raise UserError("need --warmup >= 2 (the last warm-up iteration measures memory), --rounds and --steps >= 1")
+    output_dir = tempfile.mkdtemp(prefix="nanogpt-bench-")
+    cfg = compose_config(overrides, output_dir)
+    if str(cfg.trainer.precision) not in ("32-true", "32"):
+        raise UserError("bench.py compares fp32 loops; leave trainer.precision at 32-true")
+    device = resolve_device(cfg.trainer.accelerator)
+    build_datamodule(cfg).prepare_data()
+    iterations = warmup + rounds * steps
+    turns = Turns(4)
+    memory = StepMemory(device)
+    clocks = {
+        name: Clock(i, turns, [warmup] + [steps] * rounds, device, memory)
+        for i, name in enumerate(VARIANTS, start=1)
+    }
+    clocks["matmul"] = Clock(0, turns, [1] * (rounds + 1), device, None)
+    bodies = {
+        "matmul": lambda: matmul_peak(device, rounds + 1, clocks["matmul"]),
+        "plain": lambda: plain_pytorch_loop(variant_config(cfg, False, iterations, device.type), device,
+                                            iterations, clocks["plain"]),
+        "lightning": lambda: lightning_loop(variant_config(cfg, False, iterations, device.type),
+                                            clocks["lightning"]),
+        "lightning+fused": lambda: lightning_loop(variant_config(cfg, True, iterations, device.type),
+                                                  clocks["lightning+fused"]),
+    }
+    errors = []
+
+    def runner(name):
+        try:
+            bodies[name]()
+        except BaseException as err:  # re-raised in the main thread
+            errors.append(err)
+        finally:
+            clocks[name].turns.hand_over(clocks[name].index, finished=True)
+
+    threads = [threading.Thread(target=runner, args=(name,), daemon=True, name=name) for name in bodies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    report(cfg, device, clocks, memory, output_dir)
+    return clocks
+
+
+def report(cfg: DictConfig, device: torch.device, clocks: dict[str, Clock], memory: StepMemory,
+           output_dir: str) -> None:
+    datamodule = build_datamodule(cfg)
+    tokens = datamodule.batch_size * datamodule.block_size * cfg.trainer.accumulate_grad_batches
+    model = build_module(variant_config(cfg, True, 1, device.type), datamodule).model
+    flops = model.flops_per_token() * tokens
+    peak = max(matmul_flops(device) / t for t in clocks["matmul"].times)
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"\n== bench on {device.type}{threads}: {tokens} tokens/iteration "
+          f"({datamodule.batch_size} x {datamodule.block_size} x {cfg.trainer.accumulate_grad_batches} "
+          f"micro-batches), {model.num_params() / 1e6:.2f}M params, {flops / 1e9:.2f} GFLOP/iteration")
+    print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (best of {len(clocks['matmul'].times)} bursts "
+          f"of {MATMULS_PER_TURN} {MATMUL_SIZE.get(device.type, 8192)}^2 matmuls, interleaved)")
+    print(f"{'variant':<16} {'ms/iter':>9} {'p25-p75 ms':>15} {'n':>4} {'tokens/s':>9} {'GFLOP/s':>8} "
+          f"{'% peak':>7} {'step peak MB':>13}")
+    medians = {}
+    for name in VARIANTS:
+        times = sorted(clocks[name].times)
+        medians[name] = median = statistics.median(times)
+        q25, q75 = times[len(times) // 4], times[(3 * len(times)) // 4]
+        mem = clocks[name].peak_memory
+        mem_text = f"{mem / 2**20:.1f}" if mem is not None else "n/a"
+        print(f"{name:<16} {1000 * median:>9.1f} {f'{1000 * q25:.1f}-{1000 * q75:.1f}':>15} {len(times):>4} "
+              f"{tokens / median:>9.0f} {flops / median / 1e9:>8.2f} {100 * flops / median / peak:>6.1f}% "
+              f"{mem_text:>13}")
+    print(f"time per iteration vs plain: lightning {medians['lightning'] / medians['plain']:.2f}x, "
+          f"lightning+fused {medians['lightning+fused'] / medians['plain']:.2f}x")
+    print(f"step peak memory: {memory.method or 'not measured on this device'}")
+    print(f"GFLOP/iteration: 6 x params x tokens + attention (PaLM appendix B); logs in {output_dir}")
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="bench.py", description=__doc__.splitlines()[0],
+        epilog="other arguments are Hydra overrides, e.g. experiment=m2_shakespeare trainer.accelerator=cuda")
+    parser.add_argument("--warmup", type=int, default=3, help="iterations per variant left out first (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="turns per variant after warm-up (default 5)")
+    parser.add_argument("--steps", type=int, default=4, help="iterations per turn (default 4)")
+    args, overrides = parser.parse_known_args(argv)
+    run(overrides, args.warmup, args.rounds, args.steps)
