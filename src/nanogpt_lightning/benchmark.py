@@ -34,7 +34,6 @@ from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.training import build_datamodule, build_module
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
-MATMUL_SIZE = {"cpu": 2048}  # other devices: 8192
 MATMULS_PER_TURN = 5
 VARIANTS = ("plain", "lightning", "lightning+fused")
 
@@ -52,6 +51,10 @@ def resolve_device(accelerator: str) -> torch.device:
     if accelerator not in ("cpu", "cuda", "mps"):
         raise UserError(f"bench.py supports trainer.accelerator auto, cpu, cuda or mps, not {accelerator!r}")
     return torch.device(accelerator)
+
+
+def matmul_size(device: torch.device) -> int:
+    return 2048 if device.type == "cpu" else 8192
 
 
 def synchronize(device: torch.device) -> None:
@@ -238,7 +241,7 @@ def lightning_loop(cfg: DictConfig, clock: Clock) -> None:
 
 def matmul_peak(device: torch.device, turns: int, clock: Clock) -> None:
     """Square fp32 matmuls, one burst per turn; the best burst is the machine's peak."""
-    n = MATMUL_SIZE.get(device.type, 8192)
+    n = matmul_size(device)
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     clock.start()
     for _ in range(turns):
@@ -248,7 +251,7 @@ def matmul_peak(device: torch.device, turns: int, clock: Clock) -> None:
 
 
 def matmul_flops(device: torch.device) -> float:
-    return MATMULS_PER_TURN * 2 * MATMUL_SIZE.get(device.type, 8192) ** 3
+    return MATMULS_PER_TURN * 2 * matmul_size(device) ** 3
 
 
 def compose_config(overrides: list[str], output_dir: str) -> DictConfig:
@@ -329,7 +332,7 @@ def report(cfg: DictConfig, device: torch.device, clocks: dict[str, Clock], memo
           f"({datamodule.batch_size} x {datamodule.block_size} x {cfg.trainer.accumulate_grad_batches} "
           f"micro-batches), {model.num_params() / 1e6:.2f}M params, {flops / 1e9:.2f} GFLOP/iteration")
     print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (best of {len(clocks['matmul'].times)} bursts "
-          f"of {MATMULS_PER_TURN} {MATMUL_SIZE.get(device.type, 8192)}^2 matmuls, interleaved)")
+          f"of {MATMULS_PER_TURN} {matmul_size(device)}^2 matmuls, interleaved)")
     print(f"{'variant':<16} {'ms/iter':>9} {'p25-p75 ms':>15} {'n':>4} {'tokens/s':>9} {'GFLOP/s':>8} "
           f"{'% peak':>7} {'step peak MB':>13}")
     medians = {}
