@@ -30,7 +30,8 @@ class IterationLogger(L.Callback):
 
     The loss is the mean over the iteration's micro-batches; the time is the mean wall time per
     iteration since the last line, evaluation excluded. Loss, time, tokens per second and learning
-    rate also go to the loggers. After each evaluation: `step N: train loss X.XXXX, val loss Y.YYYY`.
+    rate also go to the loggers. After each evaluation: `step N: train loss X.XXXX, val loss Y.YYYY`,
+    also logged at step N.
     The loss is read from the device only on logged iterations, so other steps never wait for it.
     """
 
@@ -83,9 +84,13 @@ class IterationLogger(L.Callback):
         if trainer.sanity_checking:
             return
         losses = {split: trainer.callback_metrics.get(tag) for split, tag in EVAL_LOSS_TAGS.items()}
-        if all(v is not None for v in losses.values()):
-            print_line(trainer, f"step {trainer.global_step}: train loss {losses['train']:.4f}, "
-                                f"val loss {losses['val']:.4f}")
+        if any(v is None for v in losses.values()):
+            return
+        print_line(trainer, f"step {trainer.global_step}: train loss {losses['train']:.4f}, "
+                            f"val loss {losses['val']:.4f}")
+        for logger in trainer.loggers:
+            logger.log_metrics({EVAL_LOSS_TAGS[split]: float(v) for split, v in losses.items()},
+                               step=trainer.global_step)
 
 
 class StepProgressBar(TQDMProgressBar):

@@ -67,8 +67,10 @@ class GPTModule(L.LightningModule):
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         x, y = batch
         _, loss = self.model(x, y)
+        # averaged over the evaluation for callbacks (checkpointing, printing); IterationLogger writes
+        # it to the loggers at the iteration count, where Lightning's own step would be one behind
         self.log(f"{EVAL_SPLITS[dataloader_idx]}/loss", loss, on_epoch=True, add_dataloader_idx=False,
-                 batch_size=x.size(0))
+                 batch_size=x.size(0), logger=False)
 
     def configure_optimizers(self):
         optimizer = self.make_optimizer(self.model)
