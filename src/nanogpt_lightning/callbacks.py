@@ -1,12 +1,22 @@
-"""Our own Lightning callbacks: nanoGPT-style iteration lines and metrics, a progress bar with an ETA, loss.png."""
+"""Our own Lightning callbacks and plugins.
+
+nanoGPT-style iteration lines and metrics, a progress bar with an ETA, loss.png, a clean stop on
+Ctrl+C/SIGTERM, and atomic checkpoint writes.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
 from pathlib import Path
 from time import perf_counter
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.loggers import TensorBoardLogger
 
 # TensorBoard tags written during training (read back by the plotting tools)
@@ -133,3 +143,78 @@ class LossPlot(L.Callback):
         curves = curves_from_events(Path(logger.log_dir), run_dir.name)
         if curves.iters.steps or curves.evals["val"].steps:
             plot_curves([curves], run_dir / self.filename, title=run_dir.name)
+
+
+class TrainingInterrupted(Exception):
+    """Raised by GracefulInterrupt once the state is saved; ends `trainer.fit` through Lightning's own hooks."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        super().__init__(f"{signal.Signals(signum).name} at iteration {step}")
+        self.signum = signum
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+class GracefulInterrupt(L.Callback):
+    """Ctrl+C (SIGINT) or SIGTERM: finish the current iteration, save `last.ckpt`, then stop.
+
+    A second Ctrl+C exits at once; checkpoint writes are atomic (AtomicCheckpointIO), so that never
+    leaves a half-written file. With several processes, all of them stop at the same iteration.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._previous_handlers = {}
+
+    def on_train_start(self, trainer, pl_module):
+        self._last_step = trainer.global_step
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
+
+    def _request_stop(self, signum, frame):
+        if self.signum is not None:
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this iteration "
+              "(press Ctrl+C again to quit at once)", file=sys.stderr, flush=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        stop = self.signum is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if trainer.global_step == self._last_step:
+            return  # mid-accumulation: the iteration is not finished yet
+        self._last_step = trainer.global_step
+        if not stop:
+            return
+        checkpoint_dir = (Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback
+                          else Path(trainer.default_root_dir) / "checkpoints")
+        path = checkpoint_dir / "last.ckpt"
+        trainer.save_checkpoint(path)
+        raise TrainingInterrupted(self.signum or signal.SIGTERM, trainer.global_step, path)
+
+    def teardown(self, trainer, pl_module, stage):
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint beside its target, then rename it into place.
+
+    A process killed mid-write leaves the previous file whole (a rename is atomic on one filesystem).
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)

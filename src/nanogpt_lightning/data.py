@@ -215,8 +215,9 @@ class TextDataModule(L.LightningDataModule):
         return self.trainer.global_rank if self.trainer is not None else 0
 
     def _loader(self, dataset: RandomWindows) -> DataLoader:
+        # a generator of its own: starting an iterator must not draw from torch's global one (dropout's)
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0, generator=torch.Generator())
 
     def train_dataloader(self) -> DataLoader:
         # continue the stream where a resumed run stopped: one batch per micro-step so far

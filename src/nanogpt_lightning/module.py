@@ -79,3 +79,9 @@ class GPTModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint[CHECKPOINT_KEY] = {"model_config": asdict(self.model_config), "tokenizer": self.tokenizer}
+        # dropout draws from torch's generator: restoring it makes a resumed run repeat an unbroken one
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint):
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])

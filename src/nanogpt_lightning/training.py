@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import shlex
+import signal
+import sys
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from nanogpt_lightning.callbacks import EVAL_LOSS_TAGS
+from nanogpt_lightning.callbacks import EVAL_LOSS_TAGS, TrainingInterrupted
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.module import GPTModule
 
@@ -30,6 +34,15 @@ def build_module(cfg: DictConfig, datamodule) -> GPTModule:
                      optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
 
 
+def print_resume_help(stop: TrainingInterrupted) -> None:
+    """Where the checkpoint is, and the commands that resume the run and sample from it."""
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("ckpt_path=")]
+    checkpoint = shlex.quote(str(stop.checkpoint))
+    print(f"\nstopped at iteration {stop.step}; checkpoint saved: {stop.checkpoint}\n"
+          f"resume: python scripts/train.py {' '.join(map(shlex.quote, overrides + [f'ckpt_path={stop.checkpoint}']))}\n"
+          f"sample: python scripts/sample.py ckpt={checkpoint}", flush=True)
+
+
 def train(cfg: DictConfig) -> float:
     """Train; return the last evaluated val loss (what a Hydra sweeper minimises)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -39,7 +52,13 @@ def train(cfg: DictConfig) -> float:
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     logger = instantiate(cfg.logger)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except TrainingInterrupted as stop:
+        if trainer.is_global_zero:
+            print_resume_help(stop)
+        if stop.signum != signal.SIGINT:
+            sys.exit(128 + stop.signum)  # SIGTERM: tell the scheduler the job did not finish
     val_loss = trainer.callback_metrics.get(EVAL_LOSS_TAGS["val"])
     final_val_loss = float(val_loss) if val_loss is not None else math.nan
     # hyperparameters beside the result, for TensorBoard's HPARAMS view
