@@ -189,7 +189,11 @@ class TextDataModule(L.LightningDataModule):
             source = download(self.url, self.cache_dir)
         else:
             raise UserError("no data: pass a text file with data.input_file=PATH")
-        prepare_dataset(source, self.data_dir, self.tokenizer, self.val_fraction)
+        try:
+            prepare_dataset(source, self.data_dir, self.tokenizer, self.val_fraction)
+        except OSError as err:  # the text was read (read_text): this is writing the bins
+            raise UserError(f"cannot write the prepared data into data.data_dir={self.data_dir} "
+                            f"({err.strerror or err}: {err.filename}); pass a writable data.data_dir") from None
 
     @property
     def meta(self) -> dict:

@@ -10,6 +10,8 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from nanogpt_lightning.callbacks import print_line
+from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model import GPT, GPTConfig
 
 CHECKPOINT_KEY = "nanogpt_lightning"  # marks this project's checkpoints; holds what sampling needs
@@ -39,15 +41,23 @@ class WarmupCosineLR(LambdaLR):
 
 def adamw(model: GPT, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
     """AdamW over nanoGPT's decay/no-decay groups, with the fused kernel (all devices we target have one)."""
+    if not lr > 0:
+        raise ValueError(f"optimizer.lr must be positive, got {lr}")
     return torch.optim.AdamW(model.optimizer_groups(weight_decay), lr=lr, betas=tuple(betas), fused=True)
 
 
 class GPTModule(L.LightningModule):
-    """Trains a GPT; an optimizer step is one iteration, whatever the gradient accumulation."""
+    """Trains a GPT; an optimizer step is one iteration, whatever the gradient accumulation.
+
+    A NaN or infinite training loss stops training before the iteration's update (so no checkpoint
+    holds its weights), or with `skip_nonfinite` the whole iteration's update is skipped (all its
+    micro-batches) and counted. The check reads one flag from the device per iteration.
+    """
 
     def __init__(self, model_config: GPTConfig, tokenizer: dict,
                  optimizer: Callable[[GPT], torch.optim.Optimizer],
-                 scheduler: Callable[[torch.optim.Optimizer], LambdaLR]):
+                 scheduler: Callable[[torch.optim.Optimizer], LambdaLR],
+                 skip_nonfinite: bool = False):
         super().__init__()
         self.save_hyperparameters({"model": asdict(model_config), "tokenizer": tokenizer}, logger=False)
         self.model_config = model_config
@@ -55,6 +65,9 @@ class GPTModule(L.LightningModule):
         self.make_optimizer = optimizer
         self.make_scheduler = scheduler
         self.model = GPT(model_config)
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps = 0
+        self._loss_finite = None  # all of this iteration's micro-batch losses finite, on the device
 
     def forward(self, idx, targets=None):
         return self.model(idx, targets)
@@ -62,7 +75,31 @@ class GPTModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         _, loss = self.model(x, y)
+        finite = torch.isfinite(loss.detach())  # stays on the device until on_before_optimizer_step
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        """After the iteration's last backward, before its update (and before gradient clipping)."""
+        bad = self._loss_finite is not None and not bool(self._loss_finite)
+        self._loss_finite = None
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)  # all ranks skip or stop together
+        if not bad:
+            return
+        iteration = self.trainer.global_step + 1
+        if not self.skip_nonfinite:
+            callback = self.trainer.checkpoint_callback
+            last_good = (callback.last_model_path if callback is not None else "") or "none yet"
+            raise UserError(f"non-finite loss at iteration {iteration}; last good checkpoint: {last_good} "
+                            "(lower optimizer.lr, or pass trainer.skip_nonfinite=true to skip such steps)")
+        # no gradients: the optimizer leaves every parameter and its state untouched
+        optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        print_line(self.trainer, f"iter {iteration}: non-finite loss, update skipped "
+                                 f"({self.skipped_steps} skipped so far)")
+        for logger in self.trainer.loggers:
+            logger.log_metrics({"train/skipped_steps": self.skipped_steps}, step=iteration)
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         x, y = batch

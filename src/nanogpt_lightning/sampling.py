@@ -14,9 +14,9 @@ from typing import TextIO
 import torch
 from torch.nn import functional as F
 
+from nanogpt_lightning.checkpoints import CHECKPOINT_KEY, read_checkpoint, resolve_checkpoint
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model import GPT, GPTConfig
-from nanogpt_lightning.module import CHECKPOINT_KEY
 from nanogpt_lightning.tokenizer import Tokenizer, UnknownCharactersError, tokenizer_from_meta
 
 SEPARATOR = "---------------"  # printed after each sample, as nanoGPT does
@@ -44,31 +44,12 @@ def pick_device(name: str) -> torch.device:
 
 def find_checkpoint(spec: str, runs_root: Path = Path("outputs")) -> Path:
     """A checkpoint file; a run directory means its last.ckpt; `latest` the newest last.ckpt under `runs_root`."""
-    if spec == "latest":
-        candidates = list(runs_root.glob("**/last.ckpt"))
-        if not candidates:
-            raise UserError(f"no checkpoints under {runs_root}/; train a model first or pass ckpt=PATH")
-        return max(candidates, key=lambda p: p.stat().st_mtime)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-            if candidate.is_file():
-                return candidate
-        raise UserError(f"no last.ckpt in {path}/checkpoints or {path}; pass ckpt=FILE.ckpt")
-    if not path.is_file():
-        raise UserError(f"checkpoint {spec} does not exist; pass ckpt=FILE.ckpt, a run directory or ckpt=latest")
-    return path
+    return resolve_checkpoint(spec, key="ckpt", runs_root=runs_root)
 
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[GPT, Tokenizer, dict]:
     """The model (eval mode, on `device`), its tokenizer, and the raw checkpoint."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch.load raises many kinds (KeyError, RuntimeError, ...) on non-checkpoints
-        reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-        raise UserError(f"cannot read checkpoint {path} ({reason}); pass a .ckpt file written by training") from None
-    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
-        raise UserError(f"{path} is not a nanogpt_lightning checkpoint; pass one written by scripts/train.py")
+    checkpoint = read_checkpoint(path, key="ckpt")
     meta = checkpoint[CHECKPOINT_KEY]
     model = GPT(GPTConfig(**meta["model_config"]))
     prefix = "model."

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 import shlex
 import signal
 import sys
+from pathlib import Path
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback as HydraCallback
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nanogpt_lightning.callbacks import EVAL_LOSS_TAGS, TrainingInterrupted
+from nanogpt_lightning.checkpoints import resume_path
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.module import GPTModule
 
@@ -30,8 +38,69 @@ def build_module(cfg: DictConfig, datamodule) -> GPTModule:
         model_config = instantiate(cfg.model)(block_size=datamodule.block_size, vocab_size=datamodule.vocab_size)
     except ValueError as err:
         raise UserError(str(err)) from None
-    return GPTModule(model_config, datamodule.meta["tokenizer"],
-                     optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
+    module = GPTModule(model_config, datamodule.meta["tokenizer"],
+                       optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler),
+                       skip_nonfinite=cfg.trainer.get("skip_nonfinite", False))
+    try:
+        module.configure_optimizers()  # a dry run: bad optimizer.* or scheduler.* settings fail here, not mid-fit
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return module
+
+
+def build_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
+    """The Trainer from `cfg.trainer` less our own key `skip_nonfinite` (the module's); settings checked."""
+    if not cfg.trainer.max_steps > 0:
+        raise UserError(f"trainer.max_steps must be a positive number of iterations, got {cfg.trainer.max_steps}")
+    trainer_cfg = copy.deepcopy(cfg.trainer)  # keeps its parent: interpolations still resolve
+    with open_dict(trainer_cfg):
+        trainer_cfg.pop("skip_nonfinite", None)
+    try:
+        return instantiate(trainer_cfg, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if not isinstance(cause, MisconfigurationException):
+            raise
+        accelerator = cfg.trainer.get("accelerator")
+        available = ["cpu"] + [name for name, kind in (("cuda", CUDAAccelerator), ("mps", MPSAccelerator))
+                               if kind.is_available()]
+        if accelerator in ("cuda", "mps", "gpu") and accelerator not in available and (
+                accelerator != "gpu" or len(available) == 1):
+            raise UserError(f"trainer.accelerator={accelerator} is not available here; available: "
+                            f"{', '.join(available)} (or trainer.accelerator=auto)") from None
+        raise UserError(f"trainer settings: {(str(cause).splitlines() or [''])[0]}") from None
+
+
+def _unwritable_reason(directory: Path) -> str | None:
+    """Why `directory` cannot be created or written, or None when it can."""
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+class RunDirCheck(HydraCallback):
+    """Hydra callback: refuse, in one line, a run or sweep directory that cannot be written.
+
+    Hydra creates the directory before scripts/train.py's code runs, and would fail with a traceback.
+    """
+
+    def _check(self, key: str, directory: str) -> None:
+        reason = _unwritable_reason(Path(directory).expanduser().absolute())
+        if reason is not None:
+            print(f"error: cannot write the run directory {directory} ({reason}); "
+                  f"pass a writable {key}=DIR", file=sys.stderr)
+            sys.exit(1)
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check("hydra.run.dir", config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check("hydra.sweep.dir", config.hydra.sweep.dir)
 
 
 def print_resume_help(stop: TrainingInterrupted) -> None:
@@ -49,11 +118,12 @@ def train(cfg: DictConfig) -> float:
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     module = build_module(cfg, datamodule)
+    ckpt_path = resume_path(cfg.ckpt_path, module.model_config, module.tokenizer)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     logger = instantiate(cfg.logger)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    trainer = build_trainer(cfg, callbacks=callbacks, logger=logger)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except TrainingInterrupted as stop:
         if trainer.is_global_zero:
             print_resume_help(stop)

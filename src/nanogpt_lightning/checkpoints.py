@@ -1,0 +1,91 @@
+"""The one place that finds and reads this project's checkpoints, for resuming training and for sampling.
+
+`resolve_checkpoint` turns what the user typed (a file, a run directory, `latest`) into a file;
+`read_checkpoint` loads it, refusing anything that is not a whole nanogpt_lightning checkpoint;
+`check_resumable` compares it with the model about to be trained. Every problem is a one-line UserError.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.model import GPTConfig
+from nanogpt_lightning.module import CHECKPOINT_KEY
+# the model settings that give the weights their shapes; a resumed run must repeat them
+SHAPE_SETTINGS = ("n_layer", "n_head", "n_embd", "bias", "vocab_multiple")
+
+
+def resolve_checkpoint(spec: str | Path, key: str = "ckpt", runs_root: Path = Path("outputs")) -> Path:
+    """A checkpoint file; a run directory means its last.ckpt; `latest` the newest last.ckpt under `runs_root`.
+
+    `key` is the setting's name in the messages (`ckpt` for sampling, `ckpt_path` for training).
+    """
+    if str(spec) == "latest":
+        candidates = list(runs_root.glob("**/last.ckpt"))
+        if not candidates:
+            raise UserError(f"no checkpoints under {runs_root}/; train a model first or pass {key}=PATH")
+        return max(candidates, key=lambda p: p.stat().st_mtime)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        raise UserError(f"no last.ckpt in {path}/checkpoints or {path}; pass {key}=FILE.ckpt")
+    if not path.is_file():
+        raise UserError(f"checkpoint {spec} does not exist; pass {key}=FILE.ckpt, a run directory or {key}=latest")
+    return path
+
+
+def read_checkpoint(path: Path, key: str = "ckpt") -> dict:
+    """The checkpoint at `path`, its tensors memory-mapped (cheap: nothing is read until used).
+
+    Loads only tensors and plain data (weights_only, as Lightning does for local files).
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - torch.load raises many kinds (RuntimeError, UnpicklingError, ...)
+        reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        if len(reason) > 160:
+            reason = reason[:157] + "..."
+        raise UserError(f"cannot read checkpoint {path}, it is truncated or not a checkpoint ({reason}); "
+                        f"pass {key}= a .ckpt file written by scripts/train.py") from None
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
+        raise UserError(f"{path} is not a nanogpt_lightning checkpoint; pass {key}= one written by scripts/train.py")
+    return checkpoint
+
+
+def check_resumable(checkpoint: dict, model_config: GPTConfig, tokenizer: dict, path: Path) -> None:
+    """Refuse to resume a checkpoint into a model of other shapes or on data with another vocabulary."""
+    saved = checkpoint[CHECKPOINT_KEY]["model_config"]
+    ours = vars(model_config)
+    differ = [name for name in SHAPE_SETTINGS if saved.get(name) != ours[name]]
+    if differ:
+        was = ", ".join(f"model.{name}={saved.get(name)}" for name in differ)
+        now = ", ".join(f"{ours[name]}" for name in differ)
+        raise UserError(f"checkpoint {path} was trained with {was} (this run has {now}); "
+                        "resume with the same model.* settings or start a new run without ckpt_path")
+    if saved["block_size"] != model_config.block_size:
+        if model_config.block_size > saved["block_size"]:
+            why = "larger than the checkpoint's"
+        else:
+            why = "not the checkpoint's"
+        raise UserError(f"data.block_size={model_config.block_size} is {why} block size {saved['block_size']} "
+                        f"(checkpoint {path}); resume with data.block_size={saved['block_size']}")
+    saved_tokenizer = checkpoint[CHECKPOINT_KEY]["tokenizer"]
+    if saved["vocab_size"] != model_config.vocab_size or saved_tokenizer != tokenizer:
+        raise UserError(
+            f"checkpoint {path} was trained on a {saved_tokenizer.get('kind')} vocabulary of {saved['vocab_size']} "
+            f"tokens, the data here has a {tokenizer.get('kind')} vocabulary of {model_config.vocab_size}; "
+            "resume with the same data.* settings (text and tokenizer) or start a new run")
+
+
+def resume_path(spec: str | None, model_config: GPTConfig, tokenizer: dict) -> Path | None:
+    """The checkpoint file a `ckpt_path=` setting names, checked against the model about to be trained."""
+    if spec is None:
+        return None
+    path = resolve_checkpoint(spec, key="ckpt_path")
+    check_resumable(read_checkpoint(path, key="ckpt_path"), model_config, tokenizer, path)
+    return path
