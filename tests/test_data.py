@@ -132,6 +132,6 @@ def test_text_shorter_than_one_block(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("a short text, not long enough for the context asked for")
     dm = make_datamodule(tmp_path, input_file=str(short), block_size=32)
-    dm.prepare_data()
     with pytest.raises(UserError, match="data.block_size=32"):
-        dm.setup("fit")
+        dm.prepare_data()  # refused before any bin is written
+    assert not (tmp_path / "bins").exists()

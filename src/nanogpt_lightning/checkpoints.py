@@ -51,9 +51,10 @@ def read_checkpoint(path: Path, key: str = "ckpt") -> dict:
         if len(reason) > 160:
             reason = reason[:157] + "..."
         raise UserError(f"cannot read checkpoint {path}, it is truncated or not a checkpoint ({reason}); "
-                        f"pass {key}= a .ckpt file written by scripts/train.py") from None
+                        f"pass {key}=FILE.ckpt written by scripts/train.py") from None
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
-        raise UserError(f"{path} is not a nanogpt_lightning checkpoint; pass {key}= one written by scripts/train.py")
+        raise UserError(f"{path} is not a nanogpt_lightning checkpoint; "
+                        f"pass {key}=FILE.ckpt written by scripts/train.py")
     return checkpoint
 
 

@@ -73,18 +73,32 @@ def read_text(path: Path) -> str:
     return text
 
 
-def prepare_dataset(input_file: Path, data_dir: Path, tokenizer: str, val_fraction: float = 0.1) -> dict:
-    """Split the text (train first, val last), encode both parts, write the bins and metadata."""
+def _check_long_enough(split: str, n_tokens: int, block_size: int) -> None:
+    if n_tokens <= block_size:
+        raise UserError(
+            f"the {split} split has {n_tokens} tokens, not more than data.block_size={block_size};"
+            " use a longer text or a smaller data.block_size"
+        )
+
+
+def prepare_dataset(input_file: Path, data_dir: Path, tokenizer: str, val_fraction: float = 0.1,
+                    block_size: int = 0) -> dict:
+    """Split the text (train first, val last), encode both parts, write the bins and metadata.
+
+    A split of no more than `block_size` tokens is refused before anything is written.
+    """
     text = read_text(input_file)
     tok = build_tokenizer(tokenizer, text)
     if tok.vocab_size > np.iinfo(np.uint16).max + 1:
         raise UserError(f"a vocabulary of {tok.vocab_size} tokens does not fit uint16 bins; use data.tokenizer=gpt2")
     n_train_chars = int(len(text) * (1 - val_fraction))
     parts = {"train": text[:n_train_chars], "val": text[n_train_chars:]}
+    encoded = {split: np.array(tok.encode(part), dtype=np.uint16) for split, part in parts.items()}
+    for split, ids in encoded.items():
+        _check_long_enough(split, len(ids), block_size)
     data_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
-    for split, part in parts.items():
-        ids = np.array(tok.encode(part), dtype=np.uint16)
+    for split, ids in encoded.items():
         _write_atomically(data_dir / f"{split}.bin", ids.tobytes())
         counts[split] = len(ids)
         print(f"{split} has {len(ids):,} tokens")
@@ -190,7 +204,7 @@ class TextDataModule(L.LightningDataModule):
         else:
             raise UserError("no data: pass a text file with data.input_file=PATH")
         try:
-            prepare_dataset(source, self.data_dir, self.tokenizer, self.val_fraction)
+            prepare_dataset(source, self.data_dir, self.tokenizer, self.val_fraction, self.block_size)
         except OSError as err:  # the text was read (read_text): this is writing the bins
             raise UserError(f"cannot write the prepared data into data.data_dir={self.data_dir} "
                             f"({err.strerror or err}: {err.filename}); pass a writable data.data_dir") from None
@@ -208,12 +222,7 @@ class TextDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:
-            n_tokens = self.meta["tokens"][split]
-            if n_tokens <= self.block_size:
-                raise UserError(
-                    f"the {split} split has {n_tokens} tokens, not more than data.block_size={self.block_size};"
-                    " use a longer text or a smaller data.block_size"
-                )
+            _check_long_enough(split, self.meta["tokens"][split], self.block_size)
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0

@@ -29,7 +29,12 @@ OmegaConf.register_new_resolver("multiply", lambda a, b: a * b, replace=True)
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    return instantiate(cfg.data)
+    try:
+        return instantiate(cfg.data)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, UserError):  # a data.* setting refused: the one line, not Hydra's wrapping
+            raise err.__cause__ from None
+        raise
 
 
 def build_module(cfg: DictConfig, datamodule) -> GPTModule:

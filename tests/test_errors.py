@@ -1,0 +1,152 @@
+"""Bad input through the real scripts/train.py: one `error:` line saying what to do, exit 1, no traceback,
+and no file of the prepared data or of a previous run touched.
+
+Every case runs in its own directory holding a copy of a prepared data directory (`data/`) and, for the
+resume cases, of a finished run (`prev/`, with checkpoints/last.ckpt); those files must be byte-identical
+afterwards. The cases run two at a time (each is mostly ~5 s of imports).
+"""
+
+import hashlib
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, SONNETS, TINY_RUN, run_script
+from nanogpt_lightning.checkpoints import read_checkpoint, resolve_checkpoint
+from nanogpt_lightning.data import prepare_dataset
+from nanogpt_lightning.errors import UserError
+
+
+def unavailable_accelerator() -> tuple[str | None, str]:
+    """A device this machine lacks, and the ones it has, as the error lists them."""
+    available = ["cpu"] + [name for name, ok in (("cuda", torch.cuda.is_available()),
+                                                  ("mps", torch.backends.mps.is_available())) if ok]
+    missing = next((name for name in ("mps", "cuda") if name not in available), None)
+    return missing, ", ".join(available)
+
+
+MISSING_ACCELERATOR, AVAILABLE = unavailable_accelerator()
+RUN_DIR_CHECK_WIRED = "RunDirCheck" in (ROOT / "conf" / "train.yaml").read_text()
+
+
+def write(path: Path, content: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+# id: (the overrides, given the case directory; what the one error line must contain)
+CASES = {
+    "missing input file": (lambda d: [f"data.input_file={d / 'nope.txt'}"],
+                           "data.input_file '{d}/nope.txt' does not exist or is not a file; pass a UTF-8 text file"),
+    "empty input file": (lambda d: [f"data.input_file={write(d / 'empty.txt', b'')}"],
+                         "data.input_file '{d}/empty.txt' is empty; pass a file with some text in it"),
+    "text shorter than a block": (
+        lambda d: [f"data.input_file={write(d / 'short.txt', b'From fairest creatures we desire')}"],
+        "the val split has 4 tokens, not more than data.block_size=16; use a longer text or a smaller data.block_size"),
+    "no bins and no network": (
+        lambda d: ["data.input_file=null", "data.url=http://127.0.0.1:9/input.txt", f"data.data_dir={d / 'new_data'}"],
+        "could not download http://127.0.0.1:9/input.txt"),
+    "unknown config group option": (lambda d: ["model=gpt5"], None),
+    "n_embd not divisible by n_head": (lambda d: ["model.n_embd=30", "model.n_head=4"],
+                                       "model.n_embd (30) must be divisible by model.n_head (4)"),
+    "block_size larger than the checkpoint's": (
+        lambda d: [f"ckpt_path={d / 'prev'}", "data.block_size=32"],
+        "data.block_size=32 is larger than the checkpoint's block size 16 (checkpoint {d}/prev/checkpoints/last.ckpt);"
+        " resume with data.block_size=16"),
+    "checkpoint of another model": (
+        lambda d: [f"ckpt_path={d / 'prev' / 'checkpoints' / 'last.ckpt'}", "model.n_embd=64", "model.n_layer=2"],
+        "checkpoint {d}/prev/checkpoints/last.ckpt was trained with model.n_layer=1, model.n_embd=32 "
+        "(this run has 2, 64); resume with the same model.* settings or start a new run without ckpt_path"),
+    "truncated checkpoint": (
+        lambda d: [f"ckpt_path={write(d / 'torn.ckpt', (d / 'prev/checkpoints/last.ckpt').read_bytes()[:5000])}"],
+        "cannot read checkpoint {d}/torn.ckpt, it is truncated or not a checkpoint ("),
+    "unavailable accelerator": (
+        lambda d: [f"trainer.accelerator={MISSING_ACCELERATOR}"],
+        f"trainer.accelerator={MISSING_ACCELERATOR} is not available here; available: {AVAILABLE} "
+        "(or trainer.accelerator=auto)"),
+    "run directory not writable": (
+        lambda d: [f"hydra.run.dir={write(d / 'a_file', b'x') / 'run'}"],
+        "cannot write the run directory {d}/a_file/run ({d}/a_file is not a directory); "
+        "pass a writable hydra.run.dir=DIR"),
+    "zero max_steps": (lambda d: ["trainer.max_steps=0"],
+                       "trainer.max_steps must be a positive number of iterations, got 0"),
+    "negative batch_size": (lambda d: ["data.batch_size=-8"], "data.batch_size must be a positive integer, got -8"),
+    "zero lr": (lambda d: ["optimizer.lr=0"], "optimizer.lr must be positive, got 0"),
+}
+RESUME_CASES = ("block_size larger than the checkpoint's", "checkpoint of another model", "truncated checkpoint")
+SKIPPED = {  # not run
+    "unavailable accelerator": MISSING_ACCELERATOR is None,  # every device is here
+    "run directory not writable": not RUN_DIR_CHECK_WIRED,  # the Hydra callback is not in the config yet
+}
+
+
+def fingerprints(case_dir: Path) -> dict[str, str]:
+    return {str(p.relative_to(case_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for top in ("data", "prev") for p in sorted((case_dir / top).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    """Every case in its own directory, two at a time; the resume cases after a tiny run that trains meanwhile."""
+    root = tmp_path_factory.mktemp("errors")
+    prepare_dataset(SONNETS, root / "data", "char")  # what train.py prepares, so it is not prepared again
+
+    def train_prev():
+        run_script("train.py", *TINY_RUN, f"data.data_dir={root / 'data'}", f"hydra.run.dir={root / 'prev'}",
+                   "trainer.max_steps=2", "eval_interval=2", cwd=root)
+
+    def run_case(name):
+        case_dir = root / name.replace(" ", "_").replace("'", "")
+        shutil.copytree(root / "data", case_dir / "data")
+        if name in RESUME_CASES:
+            prev_trained.result()
+            shutil.copytree(root / "prev", case_dir / "prev")
+        before = fingerprints(case_dir)
+        overrides, _ = CASES[name]
+        result = run_script("train.py", *TINY_RUN, f"data.data_dir={case_dir / 'data'}",
+                            f"hydra.run.dir={case_dir / 'run'}", *overrides(case_dir), cwd=case_dir, check=False)
+        return case_dir, before, result
+
+    names = sorted((name for name in CASES if not SKIPPED.get(name)), key=lambda name: name in RESUME_CASES)
+    with ThreadPoolExecutor(2) as pool:
+        prev_trained = pool.submit(train_prev)
+        return dict(zip(names, pool.map(run_case, names)))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_input_is_one_line_and_exit_1_and_loses_nothing(outcomes, name):
+    if name == "run directory not writable" and not RUN_DIR_CHECK_WIRED:
+        pytest.xfail("conf/train.yaml lacks hydra.callbacks.run_dir_check (nanogpt_lightning.training.RunDirCheck)")
+    if SKIPPED.get(name):
+        pytest.skip("every accelerator is available here")
+    case_dir, before, result = outcomes[name]
+    stderr = result.stderr
+    assert result.returncode == 1, stderr
+    assert "Traceback" not in stderr
+    assert fingerprints(case_dir) == before  # nothing of the data or the previous run touched
+    assert before  # ... and there was something to touch
+    expected = CASES[name][1]
+    if expected is None:  # Hydra's own message for an unknown group option
+        assert "Could not find 'model/gpt5'" in stderr and "Available options in 'model'" in stderr
+        return
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    assert stderr.rstrip().splitlines()[-1] == errors[0]  # the last word
+    assert errors[0].startswith("error: " + expected.replace("{d}", str(case_dir))), stderr
+
+
+def test_checkpoint_reading_refuses_foreign_files_and_resolves_run_dirs(tmp_path):
+    with pytest.raises(UserError, match=f"cannot read checkpoint {SONNETS}, it is truncated or not a checkpoint"):
+        read_checkpoint(SONNETS, key="ckpt_path")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"weight": torch.zeros(2)}}, foreign)
+    with pytest.raises(UserError, match="not a nanogpt_lightning checkpoint; pass ckpt_path="):
+        read_checkpoint(foreign, key="ckpt_path")
+    last = write(tmp_path / "run" / "checkpoints" / "last.ckpt", b"")
+    assert resolve_checkpoint(tmp_path / "run", key="ckpt_path") == last
+    with pytest.raises(UserError, match="does not exist; pass ckpt_path=FILE.ckpt"):
+        resolve_checkpoint(tmp_path / "missing.ckpt", key="ckpt_path")
