@@ -105,9 +105,10 @@ class GPTModule(L.LightningModule):
         x, y = batch
         _, loss = self.model(x, y)
         # averaged over the evaluation for callbacks (checkpointing, printing); IterationLogger writes
-        # it to the loggers at the iteration count, where Lightning's own step would be one behind
+        # it to the loggers at the iteration count, where Lightning's own step would be one behind;
+        # with several processes, averaged over all of them too (reduced once, when the evaluation ends)
         self.log(f"{EVAL_SPLITS[dataloader_idx]}/loss", loss, on_epoch=True, add_dataloader_idx=False,
-                 batch_size=x.size(0), logger=False)
+                 batch_size=x.size(0), logger=False, sync_dist=self.trainer.world_size > 1)
 
     def configure_optimizers(self):
         optimizer = self.make_optimizer(self.model)

@@ -14,8 +14,10 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback as HydraCallback
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -108,6 +110,23 @@ class RunDirCheck(HydraCallback):
         self._check("hydra.sweep.dir", config.hydra.sweep.dir)
 
 
+def check_no_script_relaunch_in_sweep(trainer: L.Trainer) -> None:
+    """Refuse a local sweep (-m) whose runs would have Lightning start their other processes itself.
+
+    Lightning starts the other ranks of a DDP run by re-running this script with its command line; in a
+    sweep that command line is the whole sweep, so each child would run every job of it. Processes
+    started by SLURM (hydra/launcher=submitit_slurm) or torchrun are not re-run and are fine.
+    """
+    strategy = trainer.strategy
+    relaunches = (isinstance(getattr(strategy, "launcher", None), _SubprocessScriptLauncher)
+                  and getattr(strategy, "num_processes", 1) > 1 and strategy.cluster_environment is not None
+                  and not strategy.cluster_environment.creates_processes_externally)
+    if relaunches and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise UserError(f"a sweep (-m) cannot run {trainer.world_size}-process DDP runs that Lightning starts "
+                        "itself; run them one at a time without -m, sweep on SLURM "
+                        "(hydra/launcher=submitit_slurm), or sweep with trainer.devices=1")
+
+
 def print_resume_help(stop: TrainingInterrupted) -> None:
     """Where the checkpoint is, and the commands that resume the run and sample from it."""
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("ckpt_path=")]
@@ -127,6 +146,7 @@ def train(cfg: DictConfig) -> float:
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     logger = instantiate(cfg.logger)
     trainer = build_trainer(cfg, callbacks=callbacks, logger=logger)
+    check_no_script_relaunch_in_sweep(trainer)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except TrainingInterrupted as stop:
