@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, SONNETS, TINY_RUN, run_script
+from conftest import SONNETS, TINY_RUN, run_script
 from nanogpt_lightning.checkpoints import read_checkpoint, resolve_checkpoint
 from nanogpt_lightning.data import prepare_dataset
 from nanogpt_lightning.errors import UserError
@@ -29,7 +29,6 @@ def unavailable_accelerator() -> tuple[str | None, str]:
 
 
 MISSING_ACCELERATOR, AVAILABLE = unavailable_accelerator()
-RUN_DIR_CHECK_WIRED = "RunDirCheck" in (ROOT / "conf" / "train.yaml").read_text()
 
 
 def write(path: Path, content: bytes) -> Path:
@@ -80,7 +79,6 @@ CASES = {
 RESUME_CASES = ("block_size larger than the checkpoint's", "checkpoint of another model", "truncated checkpoint")
 SKIPPED = {  # not run
     "unavailable accelerator": MISSING_ACCELERATOR is None,  # every device is here
-    "run directory not writable": not RUN_DIR_CHECK_WIRED,  # the Hydra callback is not in the config yet
 }
 
 
@@ -119,8 +117,6 @@ def outcomes(tmp_path_factory):
 
 @pytest.mark.parametrize("name", CASES)
 def test_bad_input_is_one_line_and_exit_1_and_loses_nothing(outcomes, name):
-    if name == "run directory not writable" and not RUN_DIR_CHECK_WIRED:
-        pytest.xfail("conf/train.yaml lacks hydra.callbacks.run_dir_check (nanogpt_lightning.training.RunDirCheck)")
     if SKIPPED.get(name):
         pytest.skip("every accelerator is available here")
     case_dir, before, result = outcomes[name]

@@ -81,7 +81,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pat
 def test_skip_nonfinite_skips_the_whole_iteration_and_counts_it(tmp_path, monkeypatch):
     report = tmp_path / "report.json"
     # an infinite loss in the second of two micro-batches of iteration 3
-    result = train(tmp_path, monkeypatch, "++trainer.skip_nonfinite=true", "trainer.accumulate_grad_batches=2",
+    result = train(tmp_path, monkeypatch, "trainer.skip_nonfinite=true", "trainer.accumulate_grad_batches=2",
                    "+callbacks.poison.iteration=3", "+callbacks.poison.micro_batches=[1]",
                    "+callbacks.poison.value=inf", f"+callbacks.poison.report={report}",
                    "trainer.max_steps=5", "eval_interval=5")
