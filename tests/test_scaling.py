@@ -1,0 +1,127 @@
+"""More than one process: DDP on CPU (trainer=ddp_cpu), a parallel joblib sweep, an Optuna search.
+
+Each runs scripts/train.py as a user would, on a tiny model.
+"""
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import SONNETS, TINY_RUN, run_script
+from nanogpt_lightning.data import TextDataModule
+
+ITER_LINE = re.compile(r"^iter (\d+): loss (\d+\.\d{4}), time (\d+\.\d{2})ms$", re.M)
+STEP_LINE = re.compile(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4})$", re.M)
+
+
+def events_pids(run: Path) -> set[str]:
+    """The ids of the processes that wrote the run's TensorBoard events (events.out.tfevents.<t>.<host>.<pid>.<n>)."""
+    return {f.name.split(".")[-2] for f in (run / "tensorboard").glob("events.out.tfevents.*")}
+
+
+def final_val_loss(run: Path) -> float:
+    return EventAccumulator(str(run / "tensorboard")).Reload().Scalars("val/loss")[-1].value
+
+
+def test_each_rank_samples_its_own_batches(tmp_path):
+    """The training stream is keyed by global rank: ranks differ, and a rank's stream is reproducible."""
+    dm = TextDataModule(data_dir=str(tmp_path / "data"), input_file=str(SONNETS), block_size=16, batch_size=8)
+    dm.prepare_data()
+
+    def first_batches(rank):
+        dm.trainer = SimpleNamespace(global_rank=rank, global_step=0, accumulate_grad_batches=1)
+        loader = iter(dm.train_dataloader())
+        return [next(loader)[0] for _ in range(3)]
+
+    rank0, rank1 = first_batches(0), first_batches(1)
+    assert all(torch.equal(a, b) for a, b in zip(rank0, first_batches(0)))
+    assert not any(torch.equal(a, b) for a, b in zip(rank0, rank1))
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    result = run_script("train.py", *TINY_RUN, "trainer=ddp_cpu", f"data.data_dir={tmp_path / 'data'}",
+                        "trainer.max_steps=30", "eval_interval=15", f"hydra.run.dir={tmp_path / 'run'}",
+                        cwd=tmp_path)
+    return tmp_path, result
+
+
+def test_ddp_on_cpu_trains_two_processes_and_prints_once(ddp_run):
+    _, result = ddp_run
+    assert "Starting with 2 processes" in result.stderr and "distributed_backend=gloo" in result.stderr
+    iters = [(int(n), float(loss)) for n, loss, _ in ITER_LINE.findall(result.stdout)]
+    assert [n for n, _ in iters] == list(range(1, 31))  # rank zero prints; each line once
+    first, last = sum(l for _, l in iters[:5]) / 5, sum(l for _, l in iters[-5:]) / 5
+    assert last < first - 0.3
+    steps = STEP_LINE.findall(result.stdout)
+    assert [int(s) for s, _, _ in steps] == [15, 30]
+    assert float(steps[1][2]) < float(steps[0][2])
+
+
+def test_ddp_on_cpu_writes_one_run_dir_one_log_one_set_of_checkpoints(ddp_run):
+    tmp_path, result = ddp_run
+    run = tmp_path / "run"
+    # the other process ran in the same run directory (Lightning passes it rank 0's) and made none of its own
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["cache", "data", "run"]
+    assert list(run.glob("*ddp_process_1*.log"))
+    assert [p.name for p in run.rglob("config.yaml")] == ["config.yaml"]
+    assert len(events_pids(run)) == 1  # TensorBoard written by one process only
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("train/iter_loss")] == list(range(1, 31))
+    assert [e.step for e in events.Scalars("val/loss")] == [15, 30]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert checkpoint["global_step"] == 30
+
+
+def test_a_local_sweep_of_ddp_runs_is_refused(tmp_path):
+    """Lightning would re-run the whole sweep in each child process: one clear line instead."""
+    result = run_script("train.py", "-m", *TINY_RUN, "trainer=ddp_cpu", f"data.data_dir={tmp_path / 'data'}",
+                        "model.n_embd=16,32", "trainer.max_steps=2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                        cwd=tmp_path, check=False)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert re.search(r"^error: a sweep \(-m\) cannot run 2-process DDP runs", result.stderr, re.M)
+
+
+def test_joblib_sweep_runs_jobs_in_parallel_processes(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_script("train.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY_RUN,
+                        f"data.data_dir={tmp_path / 'data'}", "model.n_embd=16,32", "trainer.max_steps=4",
+                        "eval_interval=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert runs == ["0", "1"]
+    for run, n_embd in zip(runs, (16, 32)):
+        checkpoint = torch.load(sweep / run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+        assert checkpoint["global_step"] == 4
+        assert checkpoint["nanogpt_lightning"]["model_config"]["n_embd"] == n_embd
+    pids = [events_pids(sweep / run) for run in runs]
+    assert all(len(p) == 1 for p in pids) and pids[0] != pids[1]  # two worker processes
+    assert len(STEP_LINE.findall(result.stdout)) == 4
+
+
+def test_optuna_search_minimises_the_val_loss(tmp_path):
+    sweep = tmp_path / "search"
+    # a value given on the command line would pin that parameter of the search: leave those to Optuna
+    tiny = [o for o in TINY_RUN if not o.startswith(("optimizer.lr=", "model.n_embd="))]
+    run_script("train.py", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *tiny,
+               f"data.data_dir={tmp_path / 'data'}", "trainer.max_steps=4", "eval_interval=2",
+               "scheduler.warmup_iters=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    trials = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [t.name for t in trials] == ["0", "1"]
+    losses = [final_val_loss(t) for t in trials]
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(min(losses), rel=1e-6)
+    # the best parameters are those the best trial ran with, drawn from conf/hparams_search/optuna.yaml
+    best = trials[losses.index(min(losses))]
+    overrides = dict(o.split("=", 1) for o in yaml.safe_load((best / ".hydra" / "overrides.yaml").read_text()))
+    assert set(results["best_params"]) == {"optimizer.lr", "optimizer.weight_decay", "model.n_embd", "model.dropout"}
+    for key, value in results["best_params"].items():
+        assert float(overrides[key]) == pytest.approx(value)
+    assert 3e-4 <= results["best_params"]["optimizer.lr"] <= 3e-3
