@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanogpt_lightning.fused_loss import fused_linear_cross_entropy
+from nanogpt_lightning.fused_loss import DEFAULT_CHUNK_ROWS, fused_linear_cross_entropy
 from nanogpt_lightning.model import GPT, GPTConfig
 
 
@@ -26,14 +26,16 @@ def test_gradcheck_float64_with_ignored_rows(chunk_rows):
                                reference(hidden, weight, targets))
 
 
-def test_float32_matches_cross_entropy_on_a_gpt2_sized_output_layer():
+@pytest.mark.parametrize("chunk_rows", [DEFAULT_CHUNK_ROWS, 200])
+def test_float32_matches_cross_entropy_on_a_gpt2_sized_output_layer(chunk_rows):
     torch.manual_seed(0)
     hidden = torch.randn(512, 64)
     weight = torch.randn(50304, 64) * 0.1
     targets = torch.randint(0, 50257, (512,))
     targets[::9] = -1
     results = []
-    for loss_fn in (reference, fused_linear_cross_entropy):
+    fused = lambda h, w, t: fused_linear_cross_entropy(h, w, t, chunk_rows)  # noqa: E731
+    for loss_fn in (reference, fused):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         loss = loss_fn(h, w, targets)
         loss.backward()

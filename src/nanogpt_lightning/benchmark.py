@@ -31,7 +31,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.training import build_datamodule, build_module
+from nanogpt_lightning.training import build_datamodule, build_module, build_trainer
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
 MATMULS_PER_TURN = 5
@@ -234,7 +234,7 @@ def lightning_loop(cfg: DictConfig, clock: Clock) -> None:
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [_LightningClock(clock)]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
+    trainer = build_trainer(cfg, callbacks=callbacks, logger=instantiate(cfg.logger))
     clock.start()
     trainer.fit(module, datamodule=datamodule)
 
