@@ -44,6 +44,17 @@ def test_float32_matches_cross_entropy_on_a_gpt2_sized_output_layer(chunk_rows):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+def test_loss_stays_exact_where_the_target_probability_underflows_float32():
+    """A target 200 logits below the best has probability e^-200: 0 in float32, yet its loss is finite."""
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    weight = torch.tensor([[100.0, 0.0], [-100.0, 0.0], [0.0, 3.0]], requires_grad=True)
+    targets = torch.tensor([1, 2])
+    loss = fused_linear_cross_entropy(hidden, weight, targets)
+    expected = reference(hidden, weight, targets)
+    assert loss.isfinite() and loss.item() > 100
+    torch.testing.assert_close(loss, expected)
+
+
 def test_all_rows_ignored_gives_nan_like_cross_entropy():
     hidden, weight = torch.randn(4, 3), torch.randn(5, 3)
     targets = torch.full((4,), -1)
