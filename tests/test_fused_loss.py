@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanogpt_lightning.fused_loss import DEFAULT_CHUNK_ROWS, fused_linear_cross_entropy
+from nanogpt_lightning.fused_loss import CHUNK_BYTES, default_chunk_rows, fused_linear_cross_entropy
 from nanogpt_lightning.model import GPT, GPTConfig
 
 
@@ -26,7 +26,7 @@ def test_gradcheck_float64_with_ignored_rows(chunk_rows):
                                reference(hidden, weight, targets))
 
 
-@pytest.mark.parametrize("chunk_rows", [DEFAULT_CHUNK_ROWS, 200])
+@pytest.mark.parametrize("chunk_rows", [None, 200])
 def test_float32_matches_cross_entropy_on_a_gpt2_sized_output_layer(chunk_rows):
     torch.manual_seed(0)
     hidden = torch.randn(512, 64)
@@ -53,6 +53,13 @@ def test_loss_stays_exact_where_the_target_probability_underflows_float32():
     expected = reference(hidden, weight, targets)
     assert loss.isfinite() and loss.item() > 100
     torch.testing.assert_close(loss, expected)
+
+
+def test_default_chunks_stay_under_the_byte_budget():
+    gpt2_rows = default_chunk_rows(50304, torch.float32)
+    assert gpt2_rows * 50304 * 4 <= CHUNK_BYTES < (gpt2_rows + 1) * 50304 * 4
+    assert default_chunk_rows(65, torch.float32) >= 12 * 64  # a macbook_char batch in one chunk
+    assert default_chunk_rows(10**9, torch.float32) == 1
 
 
 def test_all_rows_ignored_gives_nan_like_cross_entropy():

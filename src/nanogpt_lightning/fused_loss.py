@@ -19,12 +19,17 @@ per call, and when another process takes a core each one waits for it: 2-3x slow
 
 import torch
 
-# rows per chunk. A 128 x 50304 fp32 block (26 MB) stays in L3 cache and, being under glibc's 32 MB mmap
-# ceiling, is reused from the heap call after call; a whole 512-row block (103 MB, the full logits of an
-# m2_shakespeare micro-batch) is mmapped afresh by every call and costs ~25k page faults. Fewer rows per
-# chunk pay for repacking the output weight once more per chunk. Timed as below: 128 rows ~10-15% faster
-# than 512 or 256, ~10% faster than 64.
-DEFAULT_CHUNK_ROWS = 128
+# bytes of one chunk's (rows x vocab) block. 24 MiB (125 rows of GPT-2's padded 50304 in fp32) stays in a
+# 32 MiB L3 cache and, being under glibc's 32 MiB mmap ceiling, is reused from the heap call after call;
+# a whole 512-row block (103 MB, the full logits of an m2_shakespeare micro-batch) is mmapped afresh by
+# every call and costs ~25k page faults. Smaller chunks pay for repacking the output weight once more per
+# chunk. Timed as below: ~128 rows ~10-15% faster than 512 or 256, ~10% faster than 64. A character
+# vocabulary fits every row of a batch in one chunk.
+CHUNK_BYTES = 24 * 2**20
+
+
+def default_chunk_rows(vocab_size: int, dtype: torch.dtype) -> int:
+    return max(1, CHUNK_BYTES // (vocab_size * dtype.itemsize))
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -75,11 +80,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return *(g * grad_loss if g is not None else None for g in ctx.saved_tensors), None, None, None
 
 
-def fused_linear_cross_entropy(hidden, weight, targets, chunk_rows: int = DEFAULT_CHUNK_ROWS):
+def fused_linear_cross_entropy(hidden, weight, targets, chunk_rows: int | None = None):
     """Same value and gradients as F.cross_entropy(hidden @ weight.T, targets, ignore_index=-1).
 
-    hidden: (N, C), weight: (V, C), targets: (N,) int64 with -1 for rows to ignore.
+    hidden: (N, C), weight: (V, C), targets: (N,) int64 with -1 for rows to ignore. chunk_rows: rows per
+    chunk, by default as many as fit in CHUNK_BYTES.
     """
+    chunk_rows = chunk_rows or default_chunk_rows(weight.size(0), weight.dtype)
     grad_on = torch.is_grad_enabled()
     want_grads = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
     return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, want_grads)
