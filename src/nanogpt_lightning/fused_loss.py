@@ -23,7 +23,7 @@ import torch
 # 32 MiB L3 cache and, being under glibc's 32 MiB mmap ceiling, is reused from the heap call after call;
 # a whole 512-row block (103 MB, the full logits of an m2_shakespeare micro-batch) is mmapped afresh by
 # every call and costs ~25k page faults. Smaller chunks pay for repacking the output weight once more per
-# chunk. Timed as below: ~128 rows ~10-15% faster than 512 or 256, ~10% faster than 64. A character
+# chunk. Timed as above: ~128 rows ~10-15% faster than 512 or 256, ~10% faster than 64. A character
 # vocabulary fits every row of a batch in one chunk.
 CHUNK_BYTES = 24 * 2**20
 
