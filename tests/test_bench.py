@@ -21,6 +21,6 @@ def test_bench_prints_its_table(tmp_path):
     out = result.stdout
     assert "fp32 matmul peak:" in out
     table = out[out.index("variant"):].splitlines()
-    assert [row.split()[0] for row in table[1:4]] == ["plain", "lightning", "lightning+fused"]
+    assert [row.split()[0] for row in table[1:5]] == ["plain", "plain+thp", "lightning", "lightning+fused"]
     assert "time per iteration vs plain:" in out
 

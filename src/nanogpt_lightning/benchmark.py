@@ -1,21 +1,29 @@
-"""Time training iterations of one config three ways in one run, interleaved (the body of scripts/bench.py).
+"""Time training iterations of one config several ways in one run, interleaved (the body of scripts/bench.py).
 
-1. `plain`: nanoGPT's train.py loop (memmap batches, F.cross_entropy on the full logits), same GPT class.
-2. `lightning`: the real Trainer of the composed config (all callbacks, TensorBoard logger), fused loss off.
-3. `lightning+fused`: the same with the fused output layer + loss on.
+1. `plain`: nanoGPT's train.py loop (memmap batches, F.cross_entropy on the full logits), same GPT class,
+   run as nanoGPT runs it: PyTorch's transparent huge pages off (its default).
+2. `plain+thp`: the same with huge pages on (THP_MEM_ALLOC_ENABLE=1), as this project runs on Linux:
+   shows how much of the difference that alone makes.
+3. `lightning`: the real Trainer of the composed config (all callbacks, TensorBoard logger), fused loss off.
+4. `lightning+fused`: the same with the fused output layer + loss on.
 
-Each variant runs in its own thread, but only one at a time: after `warmup` iterations, then after each
+Each variant runs in its own process, but only one at a time: after `warmup` iterations, then after each
 `steps` more, it hands over to the next one, so machine noise falls on all variants alike. A fp32
-matmul takes its turn too, giving the machine's peak under the same conditions.
-"""
+matmul takes its turn too, giving the machine's peak under the same conditions. Processes, not threads:
+each variant keeps its own memory allocator and its own memory figure, as it would when training."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import statistics
 import sys
 import tempfile
+import traceback
+import multiprocessing
+import os
+import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +43,10 @@ from nanogpt_lightning.training import build_datamodule, build_module, build_tra
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
 MATMULS_PER_TURN = 5
-VARIANTS = ("plain", "lightning", "lightning+fused")
+VARIANTS = ("plain", "plain+thp", "lightning", "lightning+fused")
+# PyTorch's huge-page switch for each variant's process: nanoGPT's loop as people run it (off), the same
+# with it on, and ours as scripts/train.py runs it (this package turns it on unless the environment says)
+HUGE_PAGES = {"plain": "0", "plain+thp": "1"}
 
 
 def resolve_device(accelerator: str) -> torch.device:
@@ -64,20 +75,21 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-class StepMemory:
-    """Peak memory of one step above what is held before it: device allocator stats on cuda; on a
-    Linux CPU the resident-set high-water mark, reset (/proc/self/clear_refs) after glibc's free
-    memory is handed back (malloc_trim), so one variant's freed pages do not hide another's."""
+class TrainingMemory:
+    """Peak memory of the warm-up iterations above what the process held before the first one (model,
+    data, and for Lightning its set-up): device allocator stats on cuda; on a Linux CPU the resident-set
+    high-water mark, reset (/proc/self/clear_refs) after glibc's free memory is handed back (malloc_trim).
+    Whatever a variant keeps from one iteration to the next (optimizer state, buffers) counts."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.method = None
         if device.type == "cuda":
-            self.method = "torch.cuda.max_memory_allocated during the step minus memory_allocated before"
+            self.method = "torch.cuda.max_memory_allocated minus memory_allocated before the first iteration"
         elif device.type == "cpu" and sys.platform == "linux":
             try:
                 self._malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-                self.method = "VmHWM during the step minus VmRSS before it (Linux /proc, after malloc_trim)"
+                self.method = "VmHWM minus VmRSS before the first iteration (Linux /proc, after malloc_trim)"
             except (OSError, AttributeError):
                 pass
 
@@ -107,24 +119,33 @@ class StepMemory:
 
 
 class Turns:
-    """Lets the participants run one at a time, in order, each until it hands over."""
+    """Lets the participants (processes) run one at a time, in order, each until it hands over; the
+    first turn starts once all of them are built and waiting."""
 
-    def __init__(self, n: int):
-        self._cond = threading.Condition()
-        self._turn = 0
-        self._done = [False] * n
+    def __init__(self, n: int, context):
+        self._cond = context.Condition()
+        self._turn = context.Value("i", 0, lock=False)  # guarded by _cond
+        self._done = context.Array("b", n, lock=False)
+        self._ready = context.Barrier(n)
 
     def wait(self, i: int) -> None:
         with self._cond:
-            self._cond.wait_for(lambda: self._turn == i)
+            self._cond.wait_for(lambda: self._turn.value == i)
+
+    def wait_for_all_then_first_turn(self, i: int) -> None:
+        self._ready.wait()
+        self.wait(i)
+
+    def abort(self) -> None:
+        self._ready.abort()
 
     def hand_over(self, i: int, finished: bool = False) -> None:
         with self._cond:
-            self._done[i] |= finished
+            self._done[i] = self._done[i] or finished
             n = len(self._done)
             for k in range(1, n + 1):
                 if not self._done[(i + k) % n]:
-                    self._turn = (i + k) % n
+                    self._turn.value = (i + k) % n
                     break
             self._cond.notify_all()
 
@@ -137,14 +158,19 @@ class Clock:
     turns: Turns
     turn_lengths: list[int]  # iterations per turn; the first turn is warm-up
     device: torch.device
-    memory: StepMemory | None  # measures the last warm-up iteration
+    memory: TrainingMemory | None  # measures the warm-up iterations
     times: list[float] = field(default_factory=list)  # seconds of each iteration after warm-up
     peak_memory: int | None = None
     _ticks: int = 0
     _discard: bool = False
 
     def start(self) -> None:
-        self.turns.wait(self.index)
+        """Wait until every participant is built, then for this one's first turn."""
+        self.turns.wait_for_all_then_first_turn(self.index)
+
+    def begin_iterations(self) -> None:
+        """Call right before the first iteration."""
+        self._memory_start = self.memory.start() if self.memory is not None else None
         self._last = perf_counter()
 
     def discard_current(self) -> None:
@@ -159,12 +185,10 @@ class Clock:
         if self._ticks > warmup and not self._discard:
             self.times.append(elapsed)
         self._discard = False
-        if self.memory is not None and self._ticks == warmup - 1:
-            self._memory_start = self.memory.start()
-        elif self.memory is not None and self._ticks == warmup:
+        if self.memory is not None and self._ticks == warmup:
             self.peak_memory = self.memory.peak_above(self._memory_start)
         ends = np.cumsum(self.turn_lengths)
-        if self._ticks in ends[:-1]:  # after the last turn the loop ends and the runner hands over
+        if self._ticks in ends[:-1]:  # after the last turn the loop ends and the participant hands over
             self.turns.hand_over(self.index)
             self.turns.wait(self.index)
         self._last = perf_counter()
@@ -178,6 +202,7 @@ class _LightningClock(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self._step = trainer.global_step
+        self.clock.begin_iterations()
 
     def on_validation_start(self, trainer, pl_module):
         self.clock.discard_current()
@@ -211,6 +236,7 @@ def plain_pytorch_loop(cfg: DictConfig, device: torch.device, iterations: int, c
         return x.to(device), y.to(device)
 
     clock.start()
+    clock.begin_iterations()
     x, y = get_batch()
     for iteration in range(iterations):
         for _ in range(accumulation):
@@ -244,6 +270,7 @@ def matmul_peak(device: torch.device, turns: int, clock: Clock) -> None:
     n = matmul_size(device)
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     clock.start()
+    clock.begin_iterations()
     for _ in range(turns):
         for _ in range(MATMULS_PER_TURN):
             a @ b
@@ -273,81 +300,126 @@ def variant_config(cfg: DictConfig, fused_loss: bool, max_steps: int, accelerato
     return cfg
 
 
-def run(overrides: list[str], warmup: int, rounds: int, steps: int) -> dict[str, Clock]:
-    if warmup < 2 or rounds < 1 or steps < 1:
-        raise UserError("need --warmup >= 2 (the last warm-up iteration measures memory), --rounds and --steps >= 1")
+@contextlib.contextmanager
+def _environment(key: str, value: str | None):
+    """Sets (value not None) one environment variable for what starts inside, e.g. a process."""
+    before = os.environ.get(key)
+    if value is not None:
+        os.environ[key] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+def _participant(name: str, index: int, overrides: list[str], output_dir: str, warmup: int, rounds: int,
+                 steps: int, turns: Turns, results) -> None:
+    """One participant's process: build it, take its turns, send back (name, times, peak memory, error)."""
+    try:
+        cfg = compose_config(overrides, output_dir)
+        device = resolve_device(cfg.trainer.accelerator)
+        if name == "matmul":
+            clock = Clock(index, turns, [1] * (rounds + 1), device, None)
+            matmul_peak(device, rounds + 1, clock)
+        else:
+            clock = Clock(index, turns, [warmup] + [steps] * rounds, device, TrainingMemory(device))
+            config = variant_config(cfg, name == "lightning+fused", warmup + rounds * steps, device.type)
+            if name.startswith("plain"):
+                plain_pytorch_loop(config, device, warmup + rounds * steps, clock)
+            else:
+                lightning_loop(config, clock)
+        results.put((name, clock.times, clock.peak_memory, None))
+    except BaseException as err:
+        turns.abort()  # no one waits for a participant that will never come
+        if isinstance(err, UserError):
+            error = (0, str(err))
+        elif isinstance(err, threading.BrokenBarrierError):  # the echo of another participant's error
+            error = (2, f"{name}: another participant failed")
+        else:
+            error = (1, traceback.format_exc())
+        results.put((name, None, None, error))
+    finally:
+        turns.hand_over(index, finished=True)
+
+
+def run(overrides: list[str], warmup: int, rounds: int, steps: int) -> dict[str, tuple[list[float], int | None]]:
+    """Returns each participant's seconds per timed iteration and peak memory."""
+    if warmup < 1 or rounds < 1 or steps < 1:
+        raise UserError("need --warmup, --rounds and --steps >= 1")
     output_dir = tempfile.mkdtemp(prefix="nanogpt-bench-")
     cfg = compose_config(overrides, output_dir)
     if str(cfg.trainer.precision) not in ("32-true", "32"):
         raise UserError("bench.py compares fp32 loops; leave trainer.precision at 32-true")
     device = resolve_device(cfg.trainer.accelerator)
     build_datamodule(cfg).prepare_data()
-    iterations = warmup + rounds * steps
-    turns = Turns(4)
-    memory = StepMemory(device)
-    clocks = {
-        name: Clock(i, turns, [warmup] + [steps] * rounds, device, memory)
-        for i, name in enumerate(VARIANTS, start=1)
-    }
-    clocks["matmul"] = Clock(0, turns, [1] * (rounds + 1), device, None)
-    bodies = {
-        "matmul": lambda: matmul_peak(device, rounds + 1, clocks["matmul"]),
-        "plain": lambda: plain_pytorch_loop(variant_config(cfg, False, iterations, device.type), device,
-                                            iterations, clocks["plain"]),
-        "lightning": lambda: lightning_loop(variant_config(cfg, False, iterations, device.type),
-                                            clocks["lightning"]),
-        "lightning+fused": lambda: lightning_loop(variant_config(cfg, True, iterations, device.type),
-                                                  clocks["lightning+fused"]),
-    }
-    errors = []
-
-    def runner(name):
+    participants = ("matmul", *VARIANTS)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no thread pools carried over
+    turns = Turns(len(participants), context)
+    results = context.Queue()
+    processes = [
+        context.Process(target=_participant, name=name, daemon=True,
+                        args=(name, i, overrides, output_dir, warmup, rounds, steps, turns, results))
+        for i, name in enumerate(participants)
+    ]
+    for process in processes:
+        with _environment("THP_MEM_ALLOC_ENABLE", HUGE_PAGES.get(process.name)):
+            process.start()
+    outcomes = []
+    while len(outcomes) < len(processes):
         try:
-            bodies[name]()
-        except BaseException as err:  # re-raised in the main thread
-            errors.append(err)
-        finally:
-            clocks[name].turns.hand_over(clocks[name].index, finished=True)
-
-    threads = [threading.Thread(target=runner, args=(name,), daemon=True, name=name) for name in bodies]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+            outcomes.append(results.get(timeout=1.0))
+        except queue.Empty:
+            reported = {name for name, *_ in outcomes}
+            for process in processes:
+                if process.exitcode not in (None, 0) and process.name not in reported:
+                    raise RuntimeError(f"the {process.name} bench process died (exit code {process.exitcode})")
+    for process in processes:
+        process.join()
+    errors = sorted(error for *_, error in outcomes if error is not None)
     if errors:
-        raise errors[0]
-    report(cfg, device, clocks, memory, output_dir)
-    return clocks
+        kind, message = errors[0]
+        raise UserError(message) if kind == 0 else RuntimeError(f"a bench process failed:\n{message}")
+    measured = {name: (times, peak) for name, times, peak, _ in outcomes}
+    report(cfg, device, measured, TrainingMemory(device).method, output_dir)
+    return measured
 
 
-def report(cfg: DictConfig, device: torch.device, clocks: dict[str, Clock], memory: StepMemory,
-           output_dir: str) -> None:
+def report(cfg: DictConfig, device: torch.device, measured: dict[str, tuple[list[float], int | None]],
+           memory_method: str | None, output_dir: str) -> None:
     datamodule = build_datamodule(cfg)
     tokens = datamodule.batch_size * datamodule.block_size * cfg.trainer.accumulate_grad_batches
     model = build_module(variant_config(cfg, True, 1, device.type), datamodule).model
     flops = model.flops_per_token() * tokens
-    peak = max(matmul_flops(device) / t for t in clocks["matmul"].times)
+    matmul_times, _ = measured["matmul"]
+    peak = max(matmul_flops(device) / t for t in matmul_times)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"\n== bench on {device.type}{threads}: {tokens} tokens/iteration "
           f"({datamodule.batch_size} x {datamodule.block_size} x {cfg.trainer.accumulate_grad_batches} "
           f"micro-batches), {model.num_params() / 1e6:.2f}M params, {flops / 1e9:.2f} GFLOP/iteration")
-    print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (best of {len(clocks['matmul'].times)} bursts "
+    print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (best of {len(matmul_times)} bursts "
           f"of {MATMULS_PER_TURN} {matmul_size(device)}^2 matmuls, interleaved)")
     print(f"{'variant':<16} {'ms/iter':>9} {'p25-p75 ms':>15} {'n':>4} {'tokens/s':>9} {'GFLOP/s':>8} "
-          f"{'% peak':>7} {'step peak MB':>13}")
+          f"{'% peak':>7} {'peak MB':>8}")
     medians = {}
     for name in VARIANTS:
-        times = sorted(clocks[name].times)
+        times, mem = measured[name]
+        times = sorted(times)
         medians[name] = median = statistics.median(times)
         q25, q75 = times[len(times) // 4], times[(3 * len(times)) // 4]
-        mem = clocks[name].peak_memory
         mem_text = f"{mem / 2**20:.1f}" if mem is not None else "n/a"
         print(f"{name:<16} {1000 * median:>9.1f} {f'{1000 * q25:.1f}-{1000 * q75:.1f}':>15} {len(times):>4} "
               f"{tokens / median:>9.0f} {flops / median / 1e9:>8.2f} {100 * flops / median / peak:>6.1f}% "
-              f"{mem_text:>13}")
+              f"{mem_text:>8}")
     print(f"time per iteration vs plain: lightning {medians['lightning'] / medians['plain']:.2f}x, "
-          f"lightning+fused {medians['lightning+fused'] / medians['plain']:.2f}x")
-    print(f"step peak memory: {memory.method or 'not measured on this device'}")
+          f"lightning+fused {medians['lightning+fused'] / medians['plain']:.2f}x; "
+          f"vs plain+thp: lightning+fused {medians['lightning+fused'] / medians['plain+thp']:.2f}x")
+    print("plain+thp: the plain loop with PyTorch's transparent huge pages on (THP_MEM_ALLOC_ENABLE=1), "
+          f"as the lightning loops run; now {os.environ.get('THP_MEM_ALLOC_ENABLE')} for them")
+    print(f"peak MB: memory of the warm-up iterations above the built model and data: "
+          f"{memory_method or 'not measured on this device'}")
     print(f"GFLOP/iteration: 6 x params x tokens + attention (PaLM appendix B); logs in {output_dir}")
 
 
