@@ -1,4 +1,4 @@
-"""Time training iterations three ways, interleaved: `python scripts/bench.py experiment=m2_shakespeare`.
+"""Time training iterations four ways, interleaved: `python scripts/bench.py experiment=m2_shakespeare`.
 
 nanoGPT's plain loop, the Lightning loop with the fused loss off, and on; see `--help`.
 """

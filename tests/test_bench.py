@@ -1,4 +1,4 @@
-"""scripts/bench.py runs all three loops on a tiny config and prints its table."""
+"""scripts/bench.py runs all four loops on a tiny config and prints its table."""
 
 import subprocess
 import sys
