@@ -1,6 +1,7 @@
 """Time training iterations four ways, interleaved: `python scripts/bench.py experiment=m2_shakespeare`.
 
-nanoGPT's plain loop (huge pages off, and on), the Lightning loop with the fused loss off, and on; see `--help`.
+nanoGPT's plain loop (huge pages off, and on), the Lightning loop with the fused loss off, and on;
+see `--help`.
 """
 
 import sys
