@@ -55,11 +55,14 @@ def test_loss_stays_exact_where_the_target_probability_underflows_float32():
     torch.testing.assert_close(loss, expected)
 
 
-def test_default_chunks_stay_under_the_byte_budget():
-    gpt2_rows = default_chunk_rows(50304, torch.float32)
-    assert gpt2_rows * 50304 * 4 <= CHUNK_BYTES < (gpt2_rows + 1) * 50304 * 4
-    assert default_chunk_rows(65, torch.float32) >= 12 * 64  # a macbook_char batch in one chunk
-    assert default_chunk_rows(10**9, torch.float32) == 1
+def test_default_chunks_stay_under_the_byte_budget_and_are_even():
+    row_bytes = 50304 * 4
+    assert default_chunk_rows(512, 50304, torch.float32) == 256  # an m2_shakespeare micro-batch: two halves
+    n_rows, most = 12 * 1024, CHUNK_BYTES // row_bytes
+    rows = default_chunk_rows(n_rows, 50304, torch.float32)
+    assert rows <= most and -(-n_rows // rows) == -(-n_rows // most)  # within budget, no more chunks than needed
+    assert default_chunk_rows(12 * 64, 65, torch.float32) == 12 * 64  # a macbook_char batch in one chunk
+    assert default_chunk_rows(7, 10**9, torch.float32) == 1
 
 
 def test_all_rows_ignored_gives_nan_like_cross_entropy():

@@ -19,17 +19,19 @@ per call, and when another process takes a core each one waits for it: 2-3x slow
 
 import torch
 
-# bytes of one chunk's (rows x vocab) block. 24 MiB (125 rows of GPT-2's padded 50304 in fp32) stays in a
-# 32 MiB L3 cache and, being under glibc's 32 MiB mmap ceiling, is reused from the heap call after call;
-# a whole 512-row block (103 MB, the full logits of an m2_shakespeare micro-batch) is mmapped afresh by
-# every call and costs ~25k page faults. Smaller chunks pay for repacking the output weight once more per
-# chunk. Timed as above: ~128 rows ~10-15% faster than 512 or 256, ~10% faster than 64. A character
-# vocabulary fits every row of a batch in one chunk.
-CHUNK_BYTES = 24 * 2**20
+# bytes of one chunk's (rows x vocab) block at most. Per chunk the 13 MB output weight of a GPT-2 vocabulary
+# is read twice and its gradient updated once, so fewer chunks are faster, even where a chunk no longer fits
+# in cache: timed as above with huge pages on (see __init__.py), a 512-row micro-batch as 2 chunks of 256 took
+# ~5% less time per iteration than 4 of 128, and ~3% more than 1 of 512 (the full logits). Without huge
+# pages a block above glibc's 32 MiB mmap ceiling costs page faults on every call, and still 256 beat 128.
+CHUNK_BYTES = 64 * 2**20
 
 
-def default_chunk_rows(vocab_size: int, dtype: torch.dtype) -> int:
-    return max(1, CHUNK_BYTES // (vocab_size * dtype.itemsize))
+def default_chunk_rows(n_rows: int, vocab_size: int, dtype: torch.dtype) -> int:
+    """As many rows as fit in CHUNK_BYTES, spread evenly over the chunks that takes (512 -> 2 x 256 for GPT-2)."""
+    most = max(1, CHUNK_BYTES // (vocab_size * dtype.itemsize))
+    n_chunks = -(-n_rows // most)
+    return -(-n_rows // n_chunks)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -84,9 +86,9 @@ def fused_linear_cross_entropy(hidden, weight, targets, chunk_rows: int | None =
     """Same value and gradients as F.cross_entropy(hidden @ weight.T, targets, ignore_index=-1).
 
     hidden: (N, C), weight: (V, C), targets: (N,) int64 with -1 for rows to ignore. chunk_rows: rows per
-    chunk, by default as many as fit in CHUNK_BYTES.
+    chunk, by default default_chunk_rows.
     """
-    chunk_rows = chunk_rows or default_chunk_rows(weight.size(0), weight.dtype)
+    chunk_rows = chunk_rows or default_chunk_rows(hidden.size(0), weight.size(0), weight.dtype)
     grad_on = torch.is_grad_enabled()
     want_grads = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
     return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, want_grads)
