@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import statistics
-import sys
-import tempfile
-import traceback
 import multiprocessing
 import os
 import queue
+import statistics
+import sys
+import tempfile
 import threading
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
@@ -300,6 +300,10 @@ def variant_config(cfg: DictConfig, fused_loss: bool, max_steps: int, accelerato
     return cfg
 
 
+# kinds of a participant's error, the most telling first: the one reported when several fail
+USER_ERROR, FAILURE, ECHO_OF_ANOTHER = 0, 1, 2
+
+
 @contextlib.contextmanager
 def _environment(key: str, value: str | None):
     """Sets (value not None) one environment variable for what starts inside, e.g. a process."""
@@ -326,23 +330,38 @@ def _participant(name: str, index: int, overrides: list[str], output_dir: str, w
             matmul_peak(device, rounds + 1, clock)
         else:
             clock = Clock(index, turns, [warmup] + [steps] * rounds, device, TrainingMemory(device))
-            config = variant_config(cfg, name == "lightning+fused", warmup + rounds * steps, device.type)
+            iterations = warmup + rounds * steps
+            config = variant_config(cfg, name == "lightning+fused", iterations, device.type)
             if name.startswith("plain"):
-                plain_pytorch_loop(config, device, warmup + rounds * steps, clock)
+                plain_pytorch_loop(config, device, iterations, clock)
             else:
                 lightning_loop(config, clock)
         results.put((name, clock.times, clock.peak_memory, None))
     except BaseException as err:
         turns.abort()  # no one waits for a participant that will never come
         if isinstance(err, UserError):
-            error = (0, str(err))
-        elif isinstance(err, threading.BrokenBarrierError):  # the echo of another participant's error
-            error = (2, f"{name}: another participant failed")
+            error = (USER_ERROR, str(err))
+        elif isinstance(err, threading.BrokenBarrierError):
+            error = (ECHO_OF_ANOTHER, f"{name}: another participant failed")
         else:
-            error = (1, traceback.format_exc())
+            error = (FAILURE, traceback.format_exc())
         results.put((name, None, None, error))
     finally:
         turns.hand_over(index, finished=True)
+
+
+def _collect(results, processes) -> list[tuple]:
+    """One outcome per participant; a participant that died without sending one is an error."""
+    outcomes = []
+    while len(outcomes) < len(processes):
+        try:
+            outcomes.append(results.get(timeout=1.0))
+        except queue.Empty:
+            reported = {name for name, *_ in outcomes}
+            for process in processes:
+                if process.exitcode not in (None, 0) and process.name not in reported:
+                    raise RuntimeError(f"the {process.name} bench process died (exit code {process.exitcode})")
+    return outcomes
 
 
 def run(overrides: list[str], warmup: int, rounds: int, steps: int) -> dict[str, tuple[list[float], int | None]]:
@@ -359,29 +378,30 @@ def run(overrides: list[str], warmup: int, rounds: int, steps: int) -> dict[str,
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no thread pools carried over
     turns = Turns(len(participants), context)
     results = context.Queue()
+    # not daemons: a Lightning variant may start DataLoader worker processes of its own
     processes = [
-        context.Process(target=_participant, name=name, daemon=True,
+        context.Process(target=_participant, name=name,
                         args=(name, i, overrides, output_dir, warmup, rounds, steps, turns, results))
         for i, name in enumerate(participants)
     ]
-    for process in processes:
-        with _environment("THP_MEM_ALLOC_ENABLE", HUGE_PAGES.get(process.name)):
-            process.start()
-    outcomes = []
-    while len(outcomes) < len(processes):
-        try:
-            outcomes.append(results.get(timeout=1.0))
-        except queue.Empty:
-            reported = {name for name, *_ in outcomes}
-            for process in processes:
-                if process.exitcode not in (None, 0) and process.name not in reported:
-                    raise RuntimeError(f"the {process.name} bench process died (exit code {process.exitcode})")
-    for process in processes:
-        process.join()
+    try:
+        for process in processes:
+            with _environment("THP_MEM_ALLOC_ENABLE", HUGE_PAGES.get(process.name)):
+                process.start()
+        outcomes = _collect(results, processes)
+    except BaseException:  # Ctrl+C, or a participant died: the others would wait for their turns forever
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        raise
+    finally:
+        for process in processes:
+            if process.pid is not None:
+                process.join()
     errors = sorted(error for *_, error in outcomes if error is not None)
     if errors:
         kind, message = errors[0]
-        raise UserError(message) if kind == 0 else RuntimeError(f"a bench process failed:\n{message}")
+        raise UserError(message) if kind == USER_ERROR else RuntimeError(f"a bench process failed:\n{message}")
     measured = {name: (times, peak) for name, times, peak, _ in outcomes}
     report(cfg, device, measured, TrainingMemory(device).method, output_dir)
     return measured
