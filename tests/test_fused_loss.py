@@ -1,10 +1,18 @@
 """The fused output layer + loss gives F.cross_entropy's numbers, and does no gradient work when off."""
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanogpt_lightning.fused_loss import CHUNK_BYTES, default_chunk_rows, fused_linear_cross_entropy
+from nanogpt_lightning import fused_loss
+from nanogpt_lightning.fused_loss import (
+    CHUNK_BYTES,
+    default_chunk_rows,
+    fused_linear_cross_entropy,
+    probabilities_times_weight,
+)
 from nanogpt_lightning.model import GPT, GPTConfig
 
 
@@ -106,3 +114,17 @@ def test_tied_gpt_gradients_equal_with_fused_loss_on_and_off():
     assert grads_on.keys() == grads_off.keys()
     for name in grads_off:
         torch.testing.assert_close(grads_on[name], grads_off[name], msg=name)
+
+
+def test_probabilities_times_weight_is_the_matmul_through_onednn_on_x86_cpus():
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available():
+        assert fused_loss._ONEDNN_LINEAR is not None  # the faster path is really the one taken here
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(256, 50304), dim=1)
+    weight = torch.randn(50304, 64) * 0.1
+    expected = p.double() @ weight.double()
+    got = probabilities_times_weight(p, weight)
+    assert got.dtype == torch.float32 and got.shape == (256, 64)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+    # other dtypes take torch.mm
+    torch.testing.assert_close(probabilities_times_weight(p.double(), weight.double()), expected)
