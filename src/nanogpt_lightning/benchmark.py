@@ -39,6 +39,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.fused_loss import matmul, onednn_in_use
 from nanogpt_lightning.training import build_datamodule, build_module, build_trainer
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
@@ -266,15 +267,17 @@ def lightning_loop(cfg: DictConfig, clock: Clock) -> None:
 
 
 def matmul_peak(device: torch.device, turns: int, clock: Clock) -> None:
-    """Square fp32 matmuls, one burst per turn; the best burst is the machine's peak."""
+    """Square fp32 matmuls, two bursts per turn: torch.mm's library (MKL on x86 CPUs), then the fused
+    loss's (oneDNN there, see fused_loss.matmul); the best burst is the machine's peak."""
     n = matmul_size(device)
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     clock.start()
     clock.begin_iterations()
     for _ in range(turns):
-        for _ in range(MATMULS_PER_TURN):
-            a @ b
-        clock.tick()
+        for product in (torch.mm, matmul):
+            for _ in range(MATMULS_PER_TURN):
+                product(a, b)
+            clock.tick()
 
 
 def matmul_flops(device: torch.device) -> float:
@@ -326,7 +329,7 @@ def _participant(name: str, index: int, overrides: list[str], output_dir: str, w
         cfg = compose_config(overrides, output_dir)
         device = resolve_device(cfg.trainer.accelerator)
         if name == "matmul":
-            clock = Clock(index, turns, [1] * (rounds + 1), device, None)
+            clock = Clock(index, turns, [2] * (rounds + 1), device, None)
             matmul_peak(device, rounds + 1, clock)
         else:
             clock = Clock(index, turns, [warmup] + [steps] * rounds, device, TrainingMemory(device))
@@ -414,13 +417,17 @@ def report(cfg: DictConfig, device: torch.device, measured: dict[str, tuple[list
     model = build_module(variant_config(cfg, True, 1, device.type), datamodule).model
     flops = model.flops_per_token() * tokens
     matmul_times, _ = measured["matmul"]
-    peak = max(matmul_flops(device) / t for t in matmul_times)
+    # bursts alternate: torch.mm, then the fused loss's matmul
+    mm_peak, fused_peak = (max(matmul_flops(device) / t for t in matmul_times[i::2]) for i in (0, 1))
+    peak = max(mm_peak, fused_peak)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"\n== bench on {device.type}{threads}: {tokens} tokens/iteration "
           f"({datamodule.batch_size} x {datamodule.block_size} x {cfg.trainer.accumulate_grad_batches} "
           f"micro-batches), {model.num_params() / 1e6:.2f}M params, {flops / 1e9:.2f} GFLOP/iteration")
-    print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (best of {len(matmul_times)} bursts "
-          f"of {MATMULS_PER_TURN} {matmul_size(device)}^2 matmuls, interleaved)")
+    fused_library = "oneDNN" if onednn_in_use(torch.ones(1, device=device)) else "torch.mm again"
+    print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (best of {len(matmul_times)} bursts of {MATMULS_PER_TURN} "
+          f"{matmul_size(device)}^2 matmuls, interleaved: torch.mm {mm_peak / 1e9:.1f}, "
+          f"{fused_library} {fused_peak / 1e9:.1f})")
     print(f"{'variant':<16} {'ms/iter':>9} {'p25-p75 ms':>15} {'n':>4} {'tokens/s':>9} {'GFLOP/s':>8} "
           f"{'% peak':>7} {'peak MB':>8}")
     medians = {}

@@ -39,11 +39,15 @@ _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if (
     torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")) else None
 
 
-def probabilities_times_weight(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """p @ weight, through oneDNN for float32 on x86-64 CPUs (see _ONEDNN_LINEAR)."""
-    if _ONEDNN_LINEAR is not None and p.device.type == "cpu" and p.dtype == torch.float32:
-        return _ONEDNN_LINEAR(p, weight.t(), None, "none", [], "")
-    return p @ weight
+def onednn_in_use(t: torch.Tensor) -> bool:
+    return _ONEDNN_LINEAR is not None and t.device.type == "cpu" and t.dtype == torch.float32
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b, through oneDNN for float32 on x86-64 CPUs (see _ONEDNN_LINEAR)."""
+    if onednn_in_use(a):
+        return _ONEDNN_LINEAR(a, b.t(), None, "none", [], "")
+    return a @ b
 
 
 def default_chunk_rows(n_rows: int, vocab_size: int, dtype: torch.dtype) -> int:
@@ -80,7 +84,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             # even where p[target] underflows to 0, as max(p) >= 1 / vocab
             torch.sub(target_logit, row_max, out=target_log_prob[rows]).add_(p.amax(dim=1).log_())
             if grad_hidden is not None:
-                grad_hidden[rows] = probabilities_times_weight(p, weight)
+                grad_hidden[rows] = matmul(p, weight)
             if grad_weight is None:
                 continue
             if start == 0:
