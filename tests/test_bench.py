@@ -22,6 +22,6 @@ def test_bench_prints_its_table(tmp_path):
     peak_line = next(line for line in out.splitlines() if line.startswith("fp32 matmul peak:"))
     assert "torch.mm" in peak_line and ("oneDNN" in peak_line or "torch.mm again" in peak_line)
     table = out[out.index("variant"):].splitlines()
-    assert [row.split()[0] for row in table[1:5]] == ["plain", "plain+thp", "lightning", "lightning+fused"]
+    assert [row.split()[0] for row in table[1:5]] == ["plain", "plain+tuned", "lightning", "lightning+fused"]
     assert "time per iteration vs plain:" in out
 

@@ -1,9 +1,8 @@
 """Time training iterations of one config several ways in one run, interleaved (the body of scripts/bench.py).
 
 1. `plain`: nanoGPT's train.py loop (memmap batches, F.cross_entropy on the full logits), same GPT class,
-   run as nanoGPT runs it: PyTorch's transparent huge pages off (its default).
-2. `plain+thp`: the same with huge pages on (THP_MEM_ALLOC_ENABLE=1), as this project runs on Linux:
-   shows how much of the difference that alone makes.
+   run as nanoGPT runs it: without this package's CPU memory settings (cpu_memory.py).
+2. `plain+tuned`: the same with them, as this project runs: shows how much of the difference they make.
 3. `lightning`: the real Trainer of the composed config (all callbacks, TensorBoard logger), fused loss off.
 4. `lightning+fused`: the same with the fused output layer + loss on.
 
@@ -38,16 +37,19 @@ from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from nanogpt_lightning.cpu_memory import OFF_SWITCH
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.fused_loss import matmul, onednn_in_use
 from nanogpt_lightning.training import build_datamodule, build_module, build_trainer
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
 MATMULS_PER_TURN = 5
-VARIANTS = ("plain", "plain+thp", "lightning", "lightning+fused")
-# PyTorch's huge-page switch for each variant's process: nanoGPT's loop as people run it (off), the same
-# with it on, and ours as scripts/train.py runs it (this package turns it on unless the environment says)
-HUGE_PAGES = {"plain": "0", "plain+thp": "1"}
+VARIANTS = ("plain", "plain+tuned", "lightning", "lightning+fused")
+# environment of each variant's process: nanoGPT's loop as people run it, without the CPU memory settings
+# (the huge-page switch set in this process by importing the package must not reach it either); the
+# others as scripts/train.py runs
+UNTUNED = {OFF_SWITCH: "0", "THP_MEM_ALLOC_ENABLE": "0"}
+ENVIRONMENT = {"plain": UNTUNED}
 
 
 def resolve_device(accelerator: str) -> torch.device:
@@ -308,18 +310,18 @@ USER_ERROR, FAILURE, ECHO_OF_ANOTHER = 0, 1, 2
 
 
 @contextlib.contextmanager
-def _environment(key: str, value: str | None):
-    """Sets (value not None) one environment variable for what starts inside, e.g. a process."""
-    before = os.environ.get(key)
-    if value is not None:
-        os.environ[key] = value
+def _environment(values: dict[str, str]):
+    """Sets environment variables for what starts inside, e.g. a process."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _participant(name: str, index: int, overrides: list[str], output_dir: str, warmup: int, rounds: int,
@@ -389,7 +391,7 @@ def run(overrides: list[str], warmup: int, rounds: int, steps: int) -> dict[str,
     ]
     try:
         for process in processes:
-            with _environment("THP_MEM_ALLOC_ENABLE", HUGE_PAGES.get(process.name)):
+            with _environment(ENVIRONMENT.get(process.name, {})):
                 process.start()
         outcomes = _collect(results, processes)
     except BaseException:  # Ctrl+C, or a participant died: the others would wait for their turns forever
@@ -442,9 +444,11 @@ def report(cfg: DictConfig, device: torch.device, measured: dict[str, tuple[list
               f"{mem_text:>8}")
     print(f"time per iteration vs plain: lightning {medians['lightning'] / medians['plain']:.2f}x, "
           f"lightning+fused {medians['lightning+fused'] / medians['plain']:.2f}x; "
-          f"vs plain+thp: lightning+fused {medians['lightning+fused'] / medians['plain+thp']:.2f}x")
-    print("plain+thp: the plain loop with PyTorch's transparent huge pages on (THP_MEM_ALLOC_ENABLE=1), "
-          f"as the lightning loops run; now {os.environ.get('THP_MEM_ALLOC_ENABLE')} for them")
+          f"vs plain+tuned: lightning+fused {medians['lightning+fused'] / medians['plain+tuned']:.2f}x")
+    tuned = {key: os.environ.get(key, "unset") for key in (OFF_SWITCH, "THP_MEM_ALLOC_ENABLE",
+                                                            "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+    print("plain+tuned: the plain loop with this package's CPU memory settings (huge pages, malloc thresholds: "
+          "cpu_memory.py), as the lightning loops run them; here " + ", ".join(f"{k}={v}" for k, v in tuned.items()))
     print(f"peak MB: memory of the warm-up iterations above the built model and data: "
           f"{memory_method or 'not measured on this device'}")
     print(f"GFLOP/iteration: 6 x params x tokens + attention (PaLM appendix B); logs in {output_dir}")

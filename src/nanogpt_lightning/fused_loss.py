@@ -3,7 +3,8 @@
 With a 50k vocabulary the logits of a small model dwarf everything else it computes. Here each chunk of
 rows makes its logits, turns them into the loss and, when gradients are wanted, straight into the
 gradients of the hidden states and of the output weight, then drops them. The backward pass only scales
-those stored gradients. Plain PyTorch ops: runs on cpu, mps and cuda.
+those stored gradients. PyTorch ops (one matmul through oneDNN on x86 CPUs, see matmul): runs on cpu, mps
+and cuda.
 
 Per chunk the (rows x vocab) block lives in one buffer and is touched by the logits matmul, one in-place
 softmax (P), two row-max reads (they give the log-sum-exp exactly, see below) and the two gradient

@@ -1,0 +1,59 @@
+"""Importing the package sets the CPU memory settings of cpu_memory.py, unless the environment says."""
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+SHOW_HUGE_PAGES = "import nanogpt_lightning, os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+# where glibc's malloc puts a 20 MB block (a fresh mapping, or its heap) and whether freeing it keeps it for reuse
+PROBE_MALLOC = """
+import ctypes
+import nanogpt_lightning
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+block = libc.malloc(20 * 2**20)
+mapped = ctypes.c_size_t.from_address(block - 8).value & 2  # the chunk header's IS_MMAPPED bit
+libc.free(ctypes.c_void_p(block))
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = MallInfo2
+print("mapped" if mapped else "heap", "kept" if libc.mallinfo2().keepcost >= 20 * 2**20 else "released")
+"""
+SETTINGS = ("THP_MEM_ALLOC_ENABLE", "NANOGPT_TUNE_CPU_MEMORY", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+_libc, _version = platform.libc_ver()
+linux_glibc = pytest.mark.skipif(
+    sys.platform != "linux" or _libc != "glibc" or tuple(map(int, _version.split("."))) < (2, 33),
+    reason="the malloc settings are glibc's (mallinfo2 since 2.33)")
+
+
+def run(code: str, **env) -> str:
+    clean = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    result = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                            check=True)
+    return result.stdout.strip()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PyTorch's huge pages are Linux's")
+@pytest.mark.parametrize("env, expected", [
+    ({}, "1"),
+    ({"THP_MEM_ALLOC_ENABLE": "0"}, "0"),
+    ({"THP_MEM_ALLOC_ENABLE": "1"}, "1"),
+    ({"NANOGPT_TUNE_CPU_MEMORY": "0"}, "None"),
+])
+def test_huge_pages_default_on_and_the_environment_wins(env, expected):
+    assert run(SHOW_HUGE_PAGES, **env) == expected
+
+
+@linux_glibc
+@pytest.mark.parametrize("env, expected", [
+    ({}, "heap kept"),
+    ({"NANOGPT_TUNE_CPU_MEMORY": "0"}, "mapped released"),  # glibc's defaults
+    ({"MALLOC_MMAP_THRESHOLD_": "131072"}, "mapped released"),
+    ({"MALLOC_TRIM_THRESHOLD_": "131072"}, "heap released"),
+])
+def test_big_blocks_come_from_the_heap_and_stay_there_unless_the_environment_says(env, expected):
+    assert run(PROBE_MALLOC, **env) == expected
