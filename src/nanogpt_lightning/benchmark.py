@@ -445,10 +445,10 @@ def report(cfg: DictConfig, device: torch.device, measured: dict[str, tuple[list
     print(f"time per iteration vs plain: lightning {medians['lightning'] / medians['plain']:.2f}x, "
           f"lightning+fused {medians['lightning+fused'] / medians['plain']:.2f}x; "
           f"vs plain+tuned: lightning+fused {medians['lightning+fused'] / medians['plain+tuned']:.2f}x")
-    tuned = {key: os.environ.get(key, "unset") for key in (OFF_SWITCH, "THP_MEM_ALLOC_ENABLE",
-                                                            "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
-    print("plain+tuned: the plain loop with this package's CPU memory settings (huge pages, malloc thresholds: "
-          "cpu_memory.py), as the lightning loops run them; here " + ", ".join(f"{k}={v}" for k, v in tuned.items()))
+    environment = {key: os.environ.get(key, "unset") for key in (OFF_SWITCH, "THP_MEM_ALLOC_ENABLE")}
+    environment |= {key: value for key, value in os.environ.items() if key.startswith("MALLOC_")}
+    print("plain+tuned: the plain loop with this package's CPU memory settings (huge pages, malloc: cpu_memory.py), "
+          "as the lightning loops run them; here " + ", ".join(f"{k}={v}" for k, v in environment.items()))
     print(f"peak MB: memory of the warm-up iterations above the built model and data: "
           f"{memory_method or 'not measured on this device'}")
     print(f"GFLOP/iteration: 6 x params x tokens + attention (PaLM appendix B); logs in {output_dir}")
