@@ -426,7 +426,7 @@ def report(cfg: DictConfig, device: torch.device, measured: dict[str, tuple[list
     print(f"\n== bench on {device.type}{threads}: {tokens} tokens/iteration "
           f"({datamodule.batch_size} x {datamodule.block_size} x {cfg.trainer.accumulate_grad_batches} "
           f"micro-batches), {model.num_params() / 1e6:.2f}M params, {flops / 1e9:.2f} GFLOP/iteration")
-    fused_library = "oneDNN" if onednn_in_use(torch.ones(1, device=device)) else "torch.mm again"
+    fused_library = "oneDNN" if onednn_in_use(device, torch.float32) else "torch.mm again"
     print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (best of {len(matmul_times)} bursts of {MATMULS_PER_TURN} "
           f"{matmul_size(device)}^2 matmuls, interleaved: torch.mm {mm_peak / 1e9:.1f}, "
           f"{fused_library} {fused_peak / 1e9:.1f})")

@@ -24,7 +24,7 @@ import torch
 
 # bytes of one chunk's (rows x vocab) block at most. Per chunk the 13 MB output weight of a GPT-2 vocabulary
 # is read twice and its gradient updated once, so fewer chunks are faster, even where a chunk no longer fits
-# in cache: timed as above with huge pages on (see __init__.py), a 512-row micro-batch as 2 chunks of 256 took
+# in cache: timed as above with huge pages on (see cpu_memory.py), a 512-row micro-batch as 2 chunks of 256 took
 # ~5% less time per iteration than 4 of 128, and ~3% more than 1 of 512 (the full logits). Without huge
 # pages a block above glibc's 32 MiB mmap ceiling costs page faults on every call, and still 256 beat 128.
 CHUNK_BYTES = 64 * 2**20
@@ -40,13 +40,13 @@ _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if (
     torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")) else None
 
 
-def onednn_in_use(t: torch.Tensor) -> bool:
-    return _ONEDNN_LINEAR is not None and t.device.type == "cpu" and t.dtype == torch.float32
+def onednn_in_use(device: torch.device, dtype: torch.dtype) -> bool:
+    return _ONEDNN_LINEAR is not None and device.type == "cpu" and dtype == torch.float32
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b, through oneDNN for float32 on x86-64 CPUs (see _ONEDNN_LINEAR)."""
-    if onednn_in_use(a):
+    if onednn_in_use(a.device, a.dtype):
         return _ONEDNN_LINEAR(a, b.t(), None, "none", [], "")
     return a @ b
 
