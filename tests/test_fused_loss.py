@@ -118,7 +118,8 @@ def test_tied_gpt_gradients_equal_with_fused_loss_on_and_off():
 
 def test_matmul_goes_through_onednn_on_x86_cpus_and_equals_the_product():
     if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available():
-        assert fused_loss.onednn_in_use(torch.device("cpu"), torch.float32)  # the faster path is really the one taken here
+        # the faster path is really the one taken here
+        assert fused_loss.onednn_in_use(torch.device("cpu"), torch.float32)
     torch.manual_seed(0)
     p = torch.softmax(torch.randn(256, 50304), dim=1)
     weight = torch.randn(50304, 64) * 0.1
