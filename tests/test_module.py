@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nanogpt_lightning.model import GPTConfig
-from nanogpt_lightning.module import CHECKPOINT_KEY, GPTModule, WarmupCosineLR, adamw
+from nanogpt_lightning.checkpoints import CHECKPOINT_KEY
+from nanogpt_lightning.module import GPTModule, WarmupCosineLR, adamw
 
 
 def schedule(**kwargs):

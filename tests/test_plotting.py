@@ -12,7 +12,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard import SummaryWriter
 
 from conftest import SONNETS, run_script
-from nanogpt_lightning.callbacks import EVAL_LOSS_TAGS, ITER_LOSS_TAG, IterationLogger, LossPlot
+from nanogpt_lightning.callbacks import IterationLogger, LossPlot
+from nanogpt_lightning.metrics import EVAL_LOSS_TAGS, ITER_LOSS_TAG
 from nanogpt_lightning.data import TextDataModule
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model import GPTConfig

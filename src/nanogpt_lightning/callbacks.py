@@ -19,9 +19,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.loggers import TensorBoardLogger
 
-# TensorBoard tags written during training (read back by the plotting tools)
-ITER_LOSS_TAG = "train/iter_loss"
-EVAL_LOSS_TAGS = {"train": "train/loss", "val": "val/loss"}
+from nanogpt_lightning.metrics import EVAL_LOSS_TAGS, ITER_LOSS_TAG
+
 
 
 def print_line(trainer: L.Trainer, line: str) -> None:

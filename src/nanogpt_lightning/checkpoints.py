@@ -13,7 +13,8 @@ import torch
 
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model import GPTConfig
-from nanogpt_lightning.module import CHECKPOINT_KEY
+
+CHECKPOINT_KEY = "nanogpt_lightning"  # marks this project's checkpoints; holds what sampling needs
 # the model settings that give the weights their shapes; a resumed run must repeat them
 SHAPE_SETTINGS = ("n_layer", "n_head", "n_embd", "bias", "vocab_multiple")
 

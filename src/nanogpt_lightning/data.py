@@ -21,12 +21,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.metrics import SPLITS
 from nanogpt_lightning.tokenizer import build_tokenizer, tokenizer_from_meta
 
 TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
-SPLITS = ("train", "val")
 
 
 def default_cache_dir() -> Path:

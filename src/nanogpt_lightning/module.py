@@ -11,11 +11,11 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from nanogpt_lightning.callbacks import print_line
+from nanogpt_lightning.checkpoints import CHECKPOINT_KEY
 from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.metrics import EVAL_LOSS_TAGS, SPLITS
 from nanogpt_lightning.model import GPT, GPTConfig
 
-CHECKPOINT_KEY = "nanogpt_lightning"  # marks this project's checkpoints; holds what sampling needs
-EVAL_SPLITS = ("train", "val")  # order of the data module's validation loaders
 
 
 class WarmupCosineLR(LambdaLR):
@@ -107,7 +107,7 @@ class GPTModule(L.LightningModule):
         # averaged over the evaluation for callbacks (checkpointing, printing); IterationLogger writes
         # it to the loggers at the iteration count, where Lightning's own step would be one behind;
         # with several processes, averaged over all of them too (reduced once, when the evaluation ends)
-        self.log(f"{EVAL_SPLITS[dataloader_idx]}/loss", loss, on_epoch=True, add_dataloader_idx=False,
+        self.log(EVAL_LOSS_TAGS[SPLITS[dataloader_idx]], loss, on_epoch=True, add_dataloader_idx=False,
                  batch_size=x.size(0), logger=False, sync_dist=self.trainer.world_size > 1)
 
     def configure_optimizers(self):

@@ -21,8 +21,8 @@ from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nanogpt_lightning.callbacks import EVAL_LOSS_TAGS, ITER_LOSS_TAG
 from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.metrics import EVAL_LOSS_TAGS, ITER_LOSS_TAG
 
 EVENTS_GLOB = "events.out.tfevents.*"
 NUMBER = r"([-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf))"

@@ -21,9 +21,10 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nanogpt_lightning.callbacks import EVAL_LOSS_TAGS, TrainingInterrupted
+from nanogpt_lightning.callbacks import TrainingInterrupted
 from nanogpt_lightning.checkpoints import resume_path
 from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.metrics import EVAL_LOSS_TAGS
 from nanogpt_lightning.module import GPTModule
 
 # lets configs say e.g. val_check_interval: ${multiply:${eval_interval},${trainer.accumulate_grad_batches}}
