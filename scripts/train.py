@@ -1,10 +1,14 @@
 """Train a GPT: `python scripts/train.py [overrides]`, e.g. `experiment=macbook_char trainer.accelerator=mps`."""
 
-import hydra
-from omegaconf import DictConfig
+from nanogpt_lightning.cpu_memory import tune_cpu_memory
 
-from nanogpt_lightning.errors import exit_on_user_error
-from nanogpt_lightning.training import train
+tune_cpu_memory()  # before torch loads: it reads its huge-page switch once
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from nanogpt_lightning.errors import exit_on_user_error  # noqa: E402
+from nanogpt_lightning.training import train  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -1,4 +1,5 @@
-"""Importing the package sets the CPU memory settings of cpu_memory.py, unless the environment says."""
+"""tune_cpu_memory (which the scripts call first) makes the CPU memory settings of cpu_memory.py, unless the
+environment says; importing the package alone makes none."""
 
 import os
 import platform
@@ -7,11 +8,15 @@ import sys
 
 import pytest
 
-SHOW_HUGE_PAGES = "import nanogpt_lightning, os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+TUNE = "from nanogpt_lightning.cpu_memory import tune_cpu_memory; tune_cpu_memory()"
+SHOW_HUGE_PAGES = f"import os; {TUNE}; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
 # where glibc's malloc puts a 100 MB block (a fresh mapping, or its heap) and whether freeing it keeps it for reuse
 PROBE_MALLOC = """
 import ctypes
-import nanogpt_lightning
+import sys
+if sys.argv[1:] == ["tune"]:
+    from nanogpt_lightning.cpu_memory import tune_cpu_memory
+    tune_cpu_memory()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 block = libc.malloc(100 * 2**20)
@@ -30,10 +35,10 @@ linux_glibc = pytest.mark.skipif(
     reason="the malloc settings are glibc's (mallinfo2 since 2.33)")
 
 
-def run(code: str, **env) -> str:
+def run(code: str, *args: str, **env) -> str:
     clean = {k: v for k, v in os.environ.items() if k not in SETTINGS and not k.startswith("MALLOC_")}
-    result = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run([sys.executable, "-c", code, *args], env={**clean, **env}, capture_output=True,
+                            text=True, check=True)
     return result.stdout.strip()
 
 
@@ -58,4 +63,11 @@ def test_huge_pages_default_on_and_the_environment_wins(env, expected):
     ({"MALLOC_TRIM_THRESHOLD_": str(2**30)}, "mapped released"),
 ])
 def test_big_blocks_come_from_the_heap_and_stay_there_unless_the_environment_says(env, expected):
-    assert run(PROBE_MALLOC, **env) == expected
+    assert run(PROBE_MALLOC, "tune", **env) == expected
+
+
+@linux_glibc
+def test_importing_the_package_changes_nothing_process_wide():
+    code = "import os, nanogpt_lightning.training; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    assert run(code) == "None"
+    assert run(PROBE_MALLOC.replace("import ctypes", "import ctypes, nanogpt_lightning.training")) == "mapped released"

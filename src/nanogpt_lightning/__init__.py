@@ -1,5 +1,5 @@
-"""nanoGPT's Shakespeare workflow on PyTorch Lightning and Hydra."""
+"""nanoGPT's Shakespeare workflow on PyTorch Lightning and Hydra.
 
-from nanogpt_lightning.cpu_memory import tune_cpu_memory
-
-tune_cpu_memory()
+Importing the package changes nothing process-wide; the scripts opt in to the CPU memory settings of
+`cpu_memory.tune_cpu_memory` at their start.
+"""

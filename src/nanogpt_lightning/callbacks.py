@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from nanogpt_lightning.errors import TrainingInterrupted
 from nanogpt_lightning.metrics import EVAL_LOSS_TAGS, ITER_LOSS_TAG
 
 
@@ -142,16 +143,6 @@ class LossPlot(L.Callback):
         curves = curves_from_events(Path(logger.log_dir), run_dir.name)
         if curves.iters.steps or curves.evals["val"].steps:
             plot_curves([curves], run_dir / self.filename, title=run_dir.name)
-
-
-class TrainingInterrupted(Exception):
-    """Raised by GracefulInterrupt once the state is saved; ends `trainer.fit` through Lightning's own hooks."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path):
-        super().__init__(f"{signal.Signals(signum).name} at iteration {step}")
-        self.signum = signum
-        self.step = step
-        self.checkpoint = checkpoint
 
 
 class GracefulInterrupt(L.Callback):

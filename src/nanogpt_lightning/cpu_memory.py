@@ -1,22 +1,19 @@
 """Fewer page faults for the big short-lived tensors of a training step on a Linux CPU.
 
 A step allocates and frees tensors of megabytes many times (logits chunks, the (vocab x n_embd) gradients of
-the tied embedding). By default each comes fresh from the kernel, page-faulted and zeroed every time: on
-m2_shakespeare ~11k faults and ~0.1 s of kernel time per iteration on two cores, and the caches flushed with
-it. Two process-wide settings, made when this package is imported (before torch, as the scripts do):
+the tied embedding); by default each comes fresh from the kernel, page-faulted and zeroed every time.
+`tune_cpu_memory` makes two process-wide settings; the scripts (train, prepare, bench) call it first thing,
+before torch is imported; importing the package does not (it must not change a notebook's process):
 
-- THP_MEM_ALLOC_ENABLE=1: PyTorch backs CPU tensors of 2 MB and more with transparent huge pages, 512x
-  fewer faults for them (nanoGPT's loop on m2_shakespeare: 1.2x-1.5x faster). torch reads it once, when
-  it starts.
+- THP_MEM_ALLOC_ENABLE=1: PyTorch backs CPU tensors of 2 MB and more with transparent huge pages
+  (512x fewer faults for them). torch reads it once, when it starts.
 - glibc's malloc serves every block from its heap, never from a fresh mapping, and keeps up to 1 GiB of
-  freed heap for reuse instead of handing it back at once (mallopt M_MMAP_MAX=0 and M_TRIM_THRESHOLD, the
-  usual recipe against page faults): a training step then reuses the same memory every time, with no
-  faults at all after the first iterations; the fused loop ~10% faster; the resident peak of an
-  iteration ~45 MB higher (reused heap fragments more than fresh mappings do).
+  freed heap for reuse (mallopt M_MMAP_MAX=0 and M_TRIM_THRESHOLD, the usual recipe against page faults):
+  a training step then reuses the same memory every time, at a somewhat higher resident peak.
 
 THP_MEM_ALLOC_ENABLE in the environment wins over the first; any glibc malloc setting in the environment
 (MALLOC_* variables, glibc.malloc tunables) leaves malloc alone; NANOGPT_TUNE_CPU_MEMORY=0 turns both
-off (bench.py's `plain` loop runs so).
+off. Figures: docs/performance.md.
 """
 
 import ctypes

@@ -1,11 +1,23 @@
 """User mistakes become one clear line on stderr and a non-zero exit, never a traceback."""
 
 import functools
+import signal
 import sys
+from pathlib import Path
 
 
 class UserError(Exception):
     """A problem the user can fix; the message says how."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl+C or SIGTERM stopped training after its state was saved (callbacks.GracefulInterrupt)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        super().__init__(f"{signal.Signals(signum).name} at iteration {step}")
+        self.signum = signum
+        self.step = step
+        self.checkpoint = checkpoint
 
 
 def exit_on_user_error(main):
@@ -18,5 +30,7 @@ def exit_on_user_error(main):
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
+        except TrainingInterrupted as stop:  # the state is saved; SIGTERM tells a scheduler the job did not finish
+            sys.exit(0 if stop.signum == signal.SIGINT else 128 + stop.signum)
 
     return wrapper

@@ -21,9 +21,8 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nanogpt_lightning.callbacks import TrainingInterrupted
 from nanogpt_lightning.checkpoints import resume_path
-from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.errors import TrainingInterrupted, UserError
 from nanogpt_lightning.metrics import EVAL_LOSS_TAGS
 from nanogpt_lightning.module import GPTModule
 
@@ -153,8 +152,7 @@ def train(cfg: DictConfig) -> float:
     except TrainingInterrupted as stop:
         if trainer.is_global_zero:
             print_resume_help(stop)
-        if stop.signum != signal.SIGINT:
-            sys.exit(128 + stop.signum)  # SIGTERM: tell the scheduler the job did not finish
+        raise  # the entry point decides the exit (a single run, or a sweep that must not go on)
     val_loss = trainer.callback_metrics.get(EVAL_LOSS_TAGS["val"])
     final_val_loss = float(val_loss) if val_loss is not None else math.nan
     # hyperparameters beside the result, for TensorBoard's HPARAMS view
