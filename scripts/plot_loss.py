@@ -14,7 +14,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", metavar="RUN_DIR",
                         help="a run or sweep directory, a text log file, or - to read a log from standard input")
-    parser.add_argument("-o", "--output", help="the PNG to write (default: loss.png in the first run directory)")
+    parser.add_argument("-o", "--output", help="the image to write, its format from the extension: .png, .pdf, "
+                        ".svg, ... (default: loss.png in the first run directory)")
     args = parser.parse_args()
     plot_loss(args.inputs, args.output)
 

@@ -2,11 +2,13 @@
 
 import io
 import math
+import os
 import signal
 from functools import partial
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard import SummaryWriter
@@ -113,12 +115,24 @@ def test_sweep_runs_are_labelled_by_what_differs_and_ranked_by_val_loss(tmp_path
     assert labels(curves) == ["n_embd=16", "n_embd=32", "n_embd=64"]
 
 
-def test_smoothing_debiased_and_scaled_to_the_number_of_points():
+def test_smoothing_follows_a_falling_loss_instead_of_lagging_above_it():
+    rng = np.random.default_rng(0)
+    steps = np.arange(400)
+    raw = 1.5 + 3.0 * np.exp(-steps / 80) + rng.normal(0, 0.15, steps.size)
+    smoothed = np.array(smooth(raw.tolist()))
+    assert abs(np.mean(smoothed - raw)) < 0.01  # a moving average of the past: ~0.12 above
+    assert 0.4 < np.mean(smoothed > raw) < 0.6
+    assert np.std(smoothed - 1.5 - 3.0 * np.exp(-steps / 80)) < 0.05  # it smooths: the noise is 0.15
+    assert smoothed[[0, -1]] == pytest.approx(raw[[0, -1]])  # the window shrinks to stay centred
+
+
+def test_smoothing_keeps_a_constant_and_few_points_and_passes_nan_through():
+    assert smooth([2.3] * 500) == pytest.approx([2.3] * 500)
     assert smooth([3.0, 1.0, 2.0]) == [3.0, 1.0, 2.0]  # few points: drawn as they are
-    assert smooth([2.5] * 100) == pytest.approx([2.5] * 100)  # no pull towards 0 at the start
-    zigzag = smooth([float(i % 2) for i in range(400)])
-    assert all(0.45 < v < 0.55 for v in zigzag[100:])
-    assert math.isnan(smooth([1.0, math.nan, 1.0] * 20)[1])
+    values = [1.0, math.nan, 1.0, math.inf] * 20
+    smoothed = smooth(values)
+    assert math.isnan(smoothed[1]) and smoothed[3] == math.inf
+    assert smoothed[::2] == [1.0] * 40  # the non-finite neighbours are left out of the means
 
 
 def test_inputs_without_losses_are_refused(tmp_path):
@@ -131,10 +145,47 @@ def test_inputs_without_losses_are_refused(tmp_path):
         load_inputs([str(tmp_path / "missing")])
 
 
+def assert_one_error_line(result, *words: str) -> None:
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert all(word in result.stderr for word in words), result.stderr
+
+
 def test_script_error_is_one_line_and_exit_1(tmp_path):
     result = run_script("plot_loss.py", str(tmp_path), cwd=tmp_path, check=False)
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: no TensorBoard events under") and "Traceback" not in result.stderr
+    assert_one_error_line(result, "no TensorBoard events under")
+
+
+def test_unsupported_output_format_is_refused_before_reading(tmp_path):
+    # the input does not exist either: the output is checked first, before the slow part
+    result = run_script("plot_loss.py", "missing", "-o", "loss.xyz", cwd=tmp_path, check=False)
+    assert_one_error_line(result, "loss.xyz", "unsupported image format", ".png", ".pdf", ".svg")
+    result = run_script("plot_loss.py", "missing", "-o", "compare", cwd=tmp_path, check=False)
+    assert_one_error_line(result, "compare", "unsupported image format")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # the script's own cache only
+
+
+def test_output_under_a_file_is_refused_and_nothing_written(tmp_path):
+    run = write_run(tmp_path / "run", ITERS, EVALS)
+    (tmp_path / "notes").write_text("a file")
+    result = run_script("plot_loss.py", str(run), "-o", "notes/plots/loss.png", cwd=tmp_path, check=False)
+    assert_one_error_line(result, "notes/plots/loss.png", "notes is a file", "choose another path")
+    assert (tmp_path / "notes").read_text() == "a file" and not (run / "loss.png").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only directory")
+def test_output_in_a_read_only_directory_is_refused(tmp_path):
+    run = write_run(tmp_path / "run", ITERS, EVALS)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    result = run_script("plot_loss.py", str(run), "-o", "locked/sub/loss.png", cwd=tmp_path, check=False)
+    assert_one_error_line(result, "locked/sub/loss.png", "no permission to write in", "choose another path")
+    assert list(locked.iterdir()) == []
+
+
+def test_other_formats_by_extension(tmp_path):
+    run = write_run(tmp_path / "run", ITERS, EVALS)
+    assert plot_loss([str(run)], output=str(tmp_path / "loss.svg"), out=io.StringIO()).read_text().startswith("<?xml")
 
 
 class InterruptAt(L.Callback):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 import matplotlib
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -174,18 +176,18 @@ def labels(curves: list[LossCurves]) -> list[str]:
 
 
 def smooth(values: list[float]) -> list[float]:
-    """TensorBoard's smoothing, a debiased exponential moving average, over a window that grows with the
-    number of points (a run logged every 10 iterations is not flattened); non-finite values pass through."""
-    weight = max(0.0, 1 - SMOOTHING_SPAN / len(values)) if values else 0.0
-    smoothed, average, count = [], 0.0, 0
-    for value in values:
-        if not math.isfinite(value):
-            smoothed.append(value)
-            continue
-        average = weight * average + (1 - weight) * value
-        count += 1
-        smoothed.append(average / (1 - weight**count))
-    return smoothed
+    """The mean of a window centred on each point, about 1/SMOOTHING_SPAN of the points wide: it follows the
+    data without lagging behind it (a moving average of the past sits above a falling loss). Near the ends
+    the window shrinks to stay centred; non-finite values pass through and are left out of the means."""
+    v = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(v)
+    sums = np.concatenate(([0.0], np.cumsum(np.where(finite, v, 0.0))))
+    counts = np.concatenate(([0], np.cumsum(finite)))
+    i = np.arange(len(v))
+    half = np.minimum(len(v) // (2 * SMOOTHING_SPAN), np.minimum(i, len(v) - 1 - i))
+    lo, hi = i - half, i + half + 1
+    means = (sums[hi] - sums[lo]) / np.maximum(counts[hi] - counts[lo], 1)
+    return np.where(finite, means, v).tolist()
 
 
 def loss_figure(curves: list[LossCurves], title: str) -> Figure:
@@ -221,6 +223,22 @@ def plot_curves(curves: list[LossCurves], out: Path, title: str) -> Path:
     return out
 
 
+def check_output(out: Path) -> None:
+    """Refuse an output that cannot be written before the slow reading and drawing: an image format
+    matplotlib lacks (it would also add `.png` to a name without one), or a place nobody may write."""
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if out.suffix[1:].lower() not in formats:
+        raise UserError(f"cannot write {out}: unsupported image format; end the name with one of "
+                        + ", ".join(f".{ext}" for ext in sorted(formats)))
+    if out.is_dir():
+        raise UserError(f"cannot write {out}: it is a directory; give a file name such as {out / 'loss.png'}")
+    existing = next(p for p in out.parents if p.exists())  # the directory that must take the new entries
+    if not existing.is_dir():
+        raise UserError(f"cannot write {out}: {existing} is a file, not a directory; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {out}: no permission to write in {existing}; choose another path")
+
+
 def shorten(name: str, width: int = 32) -> str:
     """Sweep job directories repeat every override in their names; the job number at the front is enough."""
     return name if len(name) <= width else name[:width - 1] + "…"
@@ -247,9 +265,11 @@ def default_output(inputs: list[str]) -> Path:
 
 def plot_loss(inputs: list[str], output: str | None = None, stdin: TextIO = sys.stdin,
               out: TextIO = sys.stdout) -> Path:
-    """Draw the inputs' losses into a PNG and print its path; with several runs, first a table ranking them."""
+    """Draw the inputs' losses into an image and print its path; with several runs, first a table ranking them."""
+    out_path = Path(output).expanduser() if output else default_output(inputs)
+    check_output(out_path)
     curves = load_inputs(inputs, stdin.read() if "-" in inputs else None)
-    path = plot_curves(curves, Path(output).expanduser() if output else default_output(inputs), title=" ".join("standard input" if i == "-" else i for i in inputs))
+    path = plot_curves(curves, out_path, title=" ".join("standard input" if i == "-" else i for i in inputs))
     if len(curves) > 1:
         print(sweep_table(curves), file=out)
     print(path, file=out)
