@@ -1,4 +1,4 @@
-"""Loss curves from TensorBoard events or nanoGPT-style text logs, drawn into a PNG.
+"""Loss curves from TensorBoard events or nanoGPT-style text logs, drawn into an image (PNG unless told otherwise).
 
 A run directory (or a sweep directory holding several) is read with TensorBoard's own event reader;
 a text log is parsed from its `iter N: loss X` and `step N: train loss X, val loss Y` lines.
