@@ -13,7 +13,7 @@ from conftest import TINY_RUN, run_script
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model import GPT, GPTConfig
 from nanogpt_lightning.sampling import (
-    SEPARATOR, find_checkpoint, generate, load_checkpoint, pick_device, read_prompt, sample, stream_text,
+    SEPARATOR, find_checkpoint, generate, load_checkpoint, read_prompt, sample, stream_text,
 )
 from nanogpt_lightning.tokenizer import GPT2Tokenizer
 
@@ -125,16 +125,16 @@ def test_bpe_stream_holds_back_a_split_character():
     assert len(pieces) < len(ids)  # the emoji's byte tokens came out as one piece
 
 
-def test_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
-    for cuda, mps, expected in [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")]:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
-        monkeypatch.setattr(torch.backends.mps, "is_available", lambda mps=mps: mps)
-        assert pick_device("auto").type == expected
-    assert pick_device("cpu").type == "cpu"
-    with pytest.raises(UserError, match="device mps is not available"):
-        pick_device("mps")
-    with pytest.raises(UserError, match="device must be auto, cpu, mps or cuda"):
-        pick_device("tpu")
+def test_device_setting_goes_through_the_shared_device_choice(runs, monkeypatch):
+    """`device=auto` samples on the best device present; an absent one is named by its setting, `device`."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    info = io.StringIO()
+    sample(str(runs["char"]), num_samples=1, max_new_tokens=2, device="auto", out=io.StringIO(), info=info)
+    assert info.getvalue().splitlines()[0].endswith(" on cpu")
+    with pytest.raises(UserError) as err:
+        quiet_sample(runs["char"], device="mps")
+    assert str(err.value) == "device=mps is not available here; available: cpu (or device=auto)"
 
 
 def test_checkpoint_from_a_file_a_run_dir_or_the_newest_run(runs, tmp_path):

@@ -38,6 +38,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from nanogpt_lightning.cpu_memory import OFF_SWITCH
+from nanogpt_lightning.devices import pick_device
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.fused_loss import matmul, onednn_in_use
 from nanogpt_lightning.training import build_datamodule, build_module, build_trainer
@@ -50,21 +51,6 @@ VARIANTS = ("plain", "plain+tuned", "lightning", "lightning+fused")
 # others as scripts/train.py runs
 UNTUNED = {OFF_SWITCH: "0", "THP_MEM_ALLOC_ENABLE": "0"}
 ENVIRONMENT = {"plain": UNTUNED}
-
-
-def resolve_device(accelerator: str) -> torch.device:
-    """The device Lightning picks for `trainer.accelerator` (auto: cuda, then mps, then cpu)."""
-    if accelerator in ("auto", "gpu"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        if accelerator == "gpu":
-            raise UserError("trainer.accelerator=gpu but no cuda or mps device is available")
-        return torch.device("cpu")
-    if accelerator not in ("cpu", "cuda", "mps"):
-        raise UserError(f"bench.py supports trainer.accelerator auto, cpu, cuda or mps, not {accelerator!r}")
-    return torch.device(accelerator)
 
 
 def matmul_size(device: torch.device) -> int:
@@ -329,7 +315,7 @@ def _participant(name: str, index: int, overrides: list[str], output_dir: str, w
     """One participant's process: build it, take its turns, send back (name, times, peak memory, error)."""
     try:
         cfg = compose_config(overrides, output_dir)
-        device = resolve_device(cfg.trainer.accelerator)
+        device = pick_device(cfg.trainer.accelerator, "trainer.accelerator")
         if name == "matmul":
             clock = Clock(index, turns, [2] * (rounds + 1), device, None)
             matmul_peak(device, rounds + 1, clock)
@@ -377,7 +363,7 @@ def run(overrides: list[str], warmup: int, rounds: int, steps: int) -> dict[str,
     cfg = compose_config(overrides, output_dir)
     if str(cfg.trainer.precision) not in ("32-true", "32"):
         raise UserError("bench.py compares fp32 loops; leave trainer.precision at 32-true")
-    device = resolve_device(cfg.trainer.accelerator)
+    device = pick_device(cfg.trainer.accelerator, "trainer.accelerator")
     build_datamodule(cfg).prepare_data()
     participants = ("matmul", *VARIANTS)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no thread pools carried over

@@ -15,31 +15,12 @@ import torch
 from torch.nn import functional as F
 
 from nanogpt_lightning.checkpoints import CHECKPOINT_KEY, read_checkpoint, resolve_checkpoint
+from nanogpt_lightning.devices import pick_device
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model import GPT, GPTConfig
 from nanogpt_lightning.tokenizer import Tokenizer, UnknownCharactersError, tokenizer_from_meta
 
 SEPARATOR = "---------------"  # printed after each sample, as nanoGPT does
-PREFERRED_DEVICES = ("cuda", "mps", "cpu")  # what device=auto picks, best first
-
-
-def device_available(name: str) -> bool:
-    if name == "cuda":
-        return torch.cuda.is_available()
-    if name == "mps":
-        return torch.backends.mps.is_available()
-    return name == "cpu"
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto`: cuda, else mps, else cpu. A named device must be there."""
-    if name == "auto":
-        return torch.device(next(d for d in PREFERRED_DEVICES if device_available(d)))
-    if name not in PREFERRED_DEVICES:
-        raise UserError(f"device must be auto, cpu, mps or cuda, got {name!r}")
-    if not device_available(name):
-        raise UserError(f"device {name} is not available on this machine; use device=auto or device=cpu")
-    return torch.device(name)
 
 
 def find_checkpoint(spec: str, runs_root: Path = Path("outputs")) -> Path:
@@ -157,7 +138,7 @@ def sample(ckpt: str, prompt: str = "\n", num_samples: int = 10, max_new_tokens:
     if top_k is not None and top_k < 1:
         raise UserError(f"top_k must be a positive integer or null (no filtering), got {top_k}")
     text = read_prompt(prompt)
-    torch_device = pick_device(device)
+    torch_device = pick_device(device, "device")
     path = find_checkpoint(ckpt)
     model, tokenizer, checkpoint = load_checkpoint(path, torch_device)
     prompt_ids = encode_prompt(tokenizer, text)
