@@ -1,9 +1,15 @@
 """Text -> uint16 token bins + metadata, and the LightningDataModule that samples random windows.
 
-`prepare_dataset` writes `train.bin`, `val.bin` and `meta.json` (tokenizer, vocab size, source).
-The data module memory-maps the bins and serves random (x, y) windows, y shifted by one token.
-Each batch is drawn from its own random stream keyed by (seed, stream, rank, batch index), so a
-resumed run sees exactly the batches an uninterrupted one would have seen.
+Prepared data is known by what it is made from. Each preparation is a directory of its own under
+`data_dir`, `<tokenizer>-<12 hex digits>`, the digits hashing the source (the SHA-256 of a local
+file's bytes, or the URL of a downloaded text), the tokenizer and the validation fraction; it holds
+`train.bin`, `val.bin` and `meta.json`. A directory is written whole beside its place and renamed
+into it, so it is there complete or not at all, and a different text or tokenizer never touches it.
+
+The data module memory-maps the bins and serves random (x, y) windows, y shifted by one token. Each
+training batch is drawn from its own random stream keyed by (seed, split, rank, batch index), and
+each evaluation batch by (seed, split, rank, the evaluation's step, batch index), so a resumed run
+sees exactly the batches an uninterrupted one would have seen.
 """
 
 from __future__ import annotations
@@ -11,37 +17,53 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
+import secrets
+import shutil
 import urllib.error
 import urllib.request
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from nanogpt_lightning.console import say
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.metrics import SPLITS
-from nanogpt_lightning.tokenizer import build_tokenizer, tokenizer_from_meta
+from nanogpt_lightning.tokenizer import build_tokenizer
 
 TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
+TOKEN_DTYPE = np.uint16
+# what a meta.json must hold, and the part of it that identifies the data (stored in checkpoints)
+META_KEYS = ("source", "source_bytes", "source_sha256", "tokenizer", "vocab_size", "val_fraction", "tokens")
+IDENTITY_KEYS = ("source", "source_sha256", "source_bytes", "tokenizer", "val_fraction", "tokens")
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanogpt-lightning"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write beside `path`, then rename; the process id keeps processes preparing at once apart."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _write_file(path: Path, data: bytes) -> None:
+    """Write and flush to disk: a directory renamed into place after a power cut still holds its bytes."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_tokens(path: Path, ids: np.ndarray) -> None:
+    _write_file(path, ids.tobytes())
 
 
 def download(url: str, cache_dir: Path) -> Path:
@@ -49,7 +71,7 @@ def download(url: str, cache_dir: Path) -> Path:
     target = cache_dir / Path(url).name
     if target.exists():
         return target
-    print(f"downloading {url} -> {target}")
+    say(f"downloading {url} -> {target}")
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             body = response.read()
@@ -58,19 +80,29 @@ def download(url: str, cache_dir: Path) -> Path:
             f"could not download {url} ({err}); with no network, pass a local text file: data.input_file=PATH"
         ) from None
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomically(target, body)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # the pid keeps processes downloading at once apart
+    tmp.write_bytes(body)
+    os.replace(tmp, target)
     return target
 
 
-def read_text(path: Path) -> str:
+def read_input_file(path: Path) -> bytes:
     if not path.is_file():
         raise UserError(f"data.input_file {str(path)!r} does not exist or is not a file; pass a UTF-8 text file")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read data.input_file {str(path)!r} ({err.strerror or err}); "
+                        "pass a readable file") from None
+
+
+def _decode(data: bytes, source: str) -> str:
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise UserError(f"data.input_file {str(path)!r} is not UTF-8 text; convert it or pass another file") from None
+        raise UserError(f"data.input_file {source!r} is not UTF-8 text; convert it or pass another file") from None
     if not text:
-        raise UserError(f"data.input_file {str(path)!r} is empty; pass a file with some text in it")
+        raise UserError(f"data.input_file {source!r} is empty; pass a file with some text in it")
     return text
 
 
@@ -82,51 +114,169 @@ def _check_long_enough(split: str, n_tokens: int, block_size: int) -> None:
         )
 
 
-def prepare_dataset(input_file: Path, data_dir: Path, tokenizer: str, val_fraction: float = 0.1,
-                    block_size: int = 0) -> dict:
-    """Split the text (train first, val last), encode both parts, write the bins and metadata.
+@dataclass(frozen=True)
+class Source:
+    """What prepared data is made from: a local file, known by its bytes' SHA-256, or a URL, known by itself
+    (so a prepared URL needs no download to be found)."""
 
-    A split of no more than `block_size` tokens is refused before anything is written.
+    location: str  # the resolved path of a local file, or the URL
+    sha256: str | None = None  # of a local file's bytes; None for a URL
+
+    def dir_name(self, tokenizer: str, val_fraction: float) -> str:
+        defining = json.dumps([self.sha256 or self.location, tokenizer, float(val_fraction)])
+        return f"{tokenizer}-{_sha256(defining.encode())[:12]}"
+
+    def made(self, meta: dict) -> bool:
+        """Whether `meta` describes data made from this source."""
+        return meta["source_sha256"] == self.sha256 if self.sha256 else meta["source"] == self.location
+
+
+def damage(directory: Path, source: Source, tokenizer: str, val_fraction: float) -> str | None:
+    """What is wrong with the prepared data in `directory` ("missing" when there is none); None if whole."""
+    if not directory.exists():
+        return "missing"
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"meta.json unreadable: {err.strerror if isinstance(err, OSError) else err}"
+    if not isinstance(meta, dict):
+        return "meta.json is not a JSON object"
+    if not all(key in meta for key in META_KEYS):
+        return f"meta.json lacks {', '.join(key for key in META_KEYS if key not in meta)}"
+    if (not isinstance(meta["tokenizer"], dict) or meta["tokenizer"].get("kind") != tokenizer
+            or meta["val_fraction"] != val_fraction or not source.made(meta)):
+        return "meta.json describes other data"
+    for split in SPLITS:
+        expected = meta["tokens"].get(split) if isinstance(meta["tokens"], dict) else None
+        if not isinstance(expected, int):
+            return f"meta.json lacks the {split} token count"
+        path = directory / f"{split}.bin"
+        if not path.is_file():
+            return f"{split}.bin missing"
+        size = path.stat().st_size
+        if size != expected * TOKEN_DTYPE().itemsize:
+            return f"{split}.bin has {size:,} bytes, meta.json says {expected:,} tokens"
+    return None
+
+
+def _move_into_place(tmp: Path, directory: Path, keep_existing: Callable[[], bool]) -> None:
+    """Rename the finished `tmp` to `directory`. One already there is kept if `keep_existing()`, else moved
+    aside and deleted; if this is interrupted between the two renames, the old one is put back."""
+    try:
+        os.rename(tmp, directory)
+        return
+    except OSError:
+        if not directory.exists():
+            raise
+    if keep_existing():  # another process finished the same data first
+        return
+    aside = tmp.with_suffix(".old")
+    try:
+        try:
+            os.rename(directory, aside)
+        except FileNotFoundError:
+            pass  # another process moved it aside already
+        try:
+            os.rename(tmp, directory)
+        except OSError:
+            if not directory.exists():
+                raise
+            # another process put its whole copy there in between: that one stays
+    finally:
+        if aside.exists() and not directory.exists():
+            os.rename(aside, directory)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _build(directory: Path, source: Source, data: bytes, tokenizer: str, val_fraction: float, block_size: int,
+           keep_existing: Callable[[], bool]) -> None:
+    """Split the text (train first, val last), encode both parts and write the directory whole.
+
+    Everything is written into a temporary sibling that is renamed into place; whatever stops it
+    (an error, Ctrl+C) leaves no part of it behind. A split of no more than `block_size` tokens is
+    refused before anything is written.
     """
-    text = read_text(input_file)
-    tok = build_tokenizer(tokenizer, text)
-    if tok.vocab_size > np.iinfo(np.uint16).max + 1:
+    text = _decode(data, source.location)
+    try:
+        tok = build_tokenizer(tokenizer, text)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if tok.vocab_size > np.iinfo(TOKEN_DTYPE).max + 1:
         raise UserError(f"a vocabulary of {tok.vocab_size} tokens does not fit uint16 bins; use data.tokenizer=gpt2")
     n_train_chars = int(len(text) * (1 - val_fraction))
     parts = {"train": text[:n_train_chars], "val": text[n_train_chars:]}
-    encoded = {split: np.array(tok.encode(part), dtype=np.uint16) for split, part in parts.items()}
+    encoded = {split: np.array(tok.encode(part), dtype=TOKEN_DTYPE) for split, part in parts.items()}
     for split, ids in encoded.items():
         _check_long_enough(split, len(ids), block_size)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    counts = {}
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # a hidden sibling of a name no other process uses; mkdir, unlike mkdtemp, honours the umask
+    tmp = directory.parent / f".{directory.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        tmp.mkdir()
+        for split, ids in encoded.items():
+            _write_tokens(tmp / f"{split}.bin", ids)
+        meta = {
+            "source": source.location,
+            "source_bytes": len(data),
+            "source_sha256": _sha256(data),
+            "tokenizer": tok.to_meta(),
+            "vocab_size": tok.vocab_size,
+            "val_fraction": val_fraction,
+            "tokens": {split: len(ids) for split, ids in encoded.items()},
+        }
+        _write_file(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+        _move_into_place(tmp, directory, keep_existing)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     for split, ids in encoded.items():
-        _write_atomically(data_dir / f"{split}.bin", ids.tobytes())
-        counts[split] = len(ids)
-        print(f"{split} has {len(ids):,} tokens")
-    meta = {
-        "tokenizer": tok.to_meta(),
-        "vocab_size": tok.vocab_size,
-        "source": str(input_file.resolve()),
-        "source_sha256": _sha256(input_file),
-        "tokens": counts,
-    }
-    _write_atomically(data_dir / "meta.json", json.dumps(meta, indent=1).encode())
-    return meta
+        say(f"{split} has {len(ids):,} tokens")
+    say(f"prepared data: {directory}")
 
 
-def load_meta(data_dir: Path) -> dict | None:
-    path = data_dir / "meta.json"
-    if not path.exists() or not all((data_dir / f"{s}.bin").exists() for s in SPLITS):
-        return None
-    return json.loads(path.read_text())
+def prepare(data_dir: Path, source: Source, read: Callable[[], bytes], tokenizer: str, val_fraction: float,
+            block_size: int = 0, force: bool = False) -> Path:
+    """The directory of `source`'s data under `data_dir`, written unless it is there and whole.
+
+    Damaged data is rebuilt, saying so in one line; `force` rebuilds whole data too. `read()` gives
+    the source's bytes and is called only when something is to be written.
+    """
+    directory = data_dir / source.dir_name(tokenizer, val_fraction)
+    wrong = damage(directory, source, tokenizer, val_fraction)
+    if wrong is None and not force:
+        return directory
+    if wrong not in (None, "missing"):
+        say(f"prepared data in {directory} is damaged ({wrong}); rebuilding it")
+    try:
+        _build(directory, source, read(), tokenizer, val_fraction, block_size,
+               keep_existing=lambda: not force and damage(directory, source, tokenizer, val_fraction) is None)
+    except OSError as err:  # the text was read: this is writing the prepared data
+        raise UserError(f"cannot write the prepared data into data.data_dir={data_dir} "
+                        f"({err.strerror or err}: {err.filename}); pass a writable data.data_dir") from None
+    return directory
+
+
+def prepare_dataset(input_file: Path, data_dir: Path, tokenizer: str, val_fraction: float = 0.1,
+                    block_size: int = 0, force: bool = False) -> Path:
+    """Prepare a local text file as `data.input_file=...` does, without a data module; returns its directory."""
+    data = read_input_file(Path(input_file))
+    source = Source(str(Path(input_file).resolve()), _sha256(data))
+    return prepare(Path(data_dir), source, lambda: data, tokenizer, val_fraction, block_size, force)
+
+
+def describe_data(identity: dict) -> str:
+    """One line naming the data, e.g. `input.txt (sha256 3c1f7a2b9c4d..., 1,115,394 bytes), char tokenizer, 10% val`."""
+    source = identity["source"]
+    name = PurePosixPath(urlparse(source).path).name if "://" in source else Path(source).name
+    return (f"{name} (sha256 {identity['source_sha256'][:12]}..., {identity['source_bytes']:,} bytes), "
+            f"{identity['tokenizer']} tokenizer, {identity['val_fraction'] * 100:g}% val")
 
 
 class RandomWindows(IterableDataset):
     """Batches of random (x, y) windows of one token bin, y = x shifted by one.
 
     `num_batches=None` streams forever. Batch i is drawn from the stream keyed (*key, i), starting at
-    `start`, so the sequence depends only on the key, never on how many batches came before. A finite
-    dataset goes on where its last pass ended, so each evaluation sees fresh batches.
+    `start`, so the sequence depends only on the key and the start, never on what was drawn before.
+    The bin is opened once and kept open, so the data stays the same while the dataset lives.
     """
 
     def __init__(self, bin_path: Path, block_size: int, batch_size: int, key: tuple[int, ...],
@@ -137,29 +287,53 @@ class RandomWindows(IterableDataset):
         self.key = key
         self.start = start
         self.num_batches = num_batches
+        self._tokens = None
 
-    def __iter__(self):
-        tokens = np.memmap(self.bin_path, dtype=np.uint16, mode="r")
+    def __getstate__(self) -> dict:
+        # a worker process started by spawn opens the bin itself: pickling a memmap would copy the data
+        return {**self.__dict__, "_tokens": None}
+
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = np.memmap(self.bin_path, dtype=TOKEN_DTYPE, mode="r")
+        return self._tokens
+
+    def batches(self, key: tuple[int, ...], start: int):
+        tokens = self.tokens()
         window = np.arange(self.block_size + 1)
         worker = torch.utils.data.get_worker_info()
         first, stride = (0, 1) if worker is None else (worker.id, worker.num_workers)
-        index = self.start + first
-        end = None
-        if self.num_batches is not None:
-            end = self.start + self.num_batches
-            self.start = end
+        end = None if self.num_batches is None else start + self.num_batches
+        index = start + first
         while end is None or index < end:
-            rng = np.random.default_rng([*self.key, index])
+            rng = np.random.default_rng([*key, index])
             starts = rng.integers(0, len(tokens) - self.block_size, size=self.batch_size)
             windows = torch.from_numpy(tokens[starts[:, None] + window].astype(np.int64))
             yield windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
             index += stride
 
+    def __iter__(self):
+        return self.batches(self.key, self.start)
+
+
+class EvalWindows(RandomWindows):
+    """`num_batches` batches per pass, keyed also by `step()` when the pass starts (the trainer's step):
+    an evaluation at a given step sees the same batches whether or not the run was resumed on the way."""
+
+    def __init__(self, bin_path: Path, block_size: int, batch_size: int, key: tuple[int, ...], num_batches: int,
+                 step: Callable[[], int]):
+        super().__init__(bin_path, block_size, batch_size, key, num_batches=num_batches)
+        self.step = step
+
+    def __iter__(self):
+        return self.batches((*self.key, self.step()), 0)
+
 
 class TextDataModule(L.LightningDataModule):
     """A text file tokenized into memmapped bins; random training windows and eval batches of both splits.
 
-    The vocabulary and the tokenizer are read from the prepared data (`meta`), never configured.
+    The vocabulary and the tokenizer are read from the prepared data (`meta`), never configured. The
+    data in use (`prepared_dir`) is fixed for the module's life once found or prepared.
     """
 
     def __init__(self, data_dir: str, tokenizer: str = "char", input_file: str | None = None,
@@ -181,45 +355,78 @@ class TextDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.num_workers = num_workers
         self.seed = seed
+        self._source: Source | None = None
+        self._meta: dict | None = None
 
-    def _is_prepared(self) -> bool:
-        meta = load_meta(self.data_dir)
-        if meta is None or meta["tokenizer"]["kind"] != self.tokenizer:
-            return False
-        # an explicit input file must be the one the bins were made from
-        return self.input_file is None or (
-            self.input_file.is_file() and meta["source_sha256"] == _sha256(self.input_file)
-        )
+    def _identify(self) -> Source:
+        """The source, found once: the data in use stays the same for the module's life."""
+        if self._source is None:
+            if self.input_file is not None:
+                self._source = Source(str(self.input_file.resolve()), _sha256(read_input_file(self.input_file)))
+            elif self.url:
+                self._source = Source(self.url)
+            else:
+                raise UserError("no data: pass a text file with data.input_file=PATH")
+        return self._source
+
+    def _read_source(self) -> bytes:
+        """The source's bytes, to write its data: downloaded once, or the local file as it was when found."""
+        if self.input_file is None:
+            return download(self.url, self.cache_dir).read_bytes()
+        data = read_input_file(self.input_file)
+        if _sha256(data) != self._source.sha256:
+            raise UserError(f"data.input_file {str(self.input_file)!r} changed while this run was using it; "
+                            "run again")
+        return data
 
     def prepare_data(self, force: bool = False) -> None:
-        """Write the bins unless they are there already (and match `input_file` when one is given).
+        """Prepare the data unless it is there and whole; `force` rebuilds it anyway (atomically)."""
+        prepare(self.data_dir, self._identify(), self._read_source, self.tokenizer, self.val_fraction,
+                self.block_size, force)
 
-        `force` re-encodes the text anyway (a downloaded text is still taken from the cache).
-        """
-        if not force and self._is_prepared():
-            return
-        if self.input_file is not None:
-            source = self.input_file
-        elif self.url:
-            source = download(self.url, self.cache_dir)
-        else:
-            raise UserError("no data: pass a text file with data.input_file=PATH")
-        try:
-            prepare_dataset(source, self.data_dir, self.tokenizer, self.val_fraction, self.block_size)
-        except OSError as err:  # the text was read (read_text): this is writing the bins
-            raise UserError(f"cannot write the prepared data into data.data_dir={self.data_dir} "
-                            f"({err.strerror or err}: {err.filename}); pass a writable data.data_dir") from None
+    @property
+    def prepared_dir(self) -> Path:
+        """The directory of this module's data under `data_dir` (there or not)."""
+        return self.data_dir / self._identify().dir_name(self.tokenizer, self.val_fraction)
+
+    def prepare_command(self) -> str:
+        """The scripts/prepare.py command line that prepares this module's data, for messages."""
+        source = ([f"data.input_file={self.input_file}"] if self.input_file is not None
+                  else ["data.input_file=null", f"data.url={self.url}"])
+        overrides = [*source, f"data.tokenizer={self.tokenizer}", f"data.val_fraction={self.val_fraction}",
+                     f"data.data_dir={self.data_dir}"]
+        return "python scripts/prepare.py " + " ".join(map(shlex.quote, overrides))
+
+    def _checked_dir(self) -> Path:
+        """`prepared_dir`, refused in one line unless whole; checked once, its meta.json then kept."""
+        directory = self.prepared_dir
+        if self._meta is None:
+            wrong = damage(directory, self._source, self.tokenizer, self.val_fraction)
+            if wrong == "missing":
+                raise UserError(f"no prepared data for these data.* settings in {self.data_dir}; "
+                                f"prepare it with {self.prepare_command()}")
+            if wrong is not None:
+                raise UserError(f"prepared data in {directory} is damaged ({wrong}); "
+                                f"rebuild it with {self.prepare_command()}")
+            self._meta = json.loads((directory / "meta.json").read_text())
+        return directory
 
     @property
     def meta(self) -> dict:
-        meta = load_meta(self.data_dir)
-        if meta is None:
-            raise UserError(f"no prepared data in {self.data_dir}; run scripts/prepare.py first")
-        return meta
+        """meta.json of the data in use."""
+        self._checked_dir()
+        return self._meta
 
     @property
     def vocab_size(self) -> int:
         return self.meta["vocab_size"]
+
+    @property
+    def identity(self) -> dict:
+        """What the data is (source, its hash and size, tokenizer kind, val fraction, tokens), JSON-able:
+        stored in checkpoints, so a resumed run or a sample can tell which data a model learned."""
+        meta = self.meta
+        return {**{key: meta[key] for key in IDENTITY_KEYS}, "tokenizer": meta["tokenizer"]["kind"]}
 
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:
@@ -228,24 +435,32 @@ class TextDataModule(L.LightningDataModule):
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
 
-    def _loader(self, dataset: RandomWindows) -> DataLoader:
-        # a generator of its own: starting an iterator must not draw from torch's global one (dropout's)
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, generator=torch.Generator())
+    def _step(self) -> int:
+        return self.trainer.global_step if self.trainer is not None else 0
+
+    def _bin(self, split: str) -> Path:
+        return self._checked_dir() / f"{split}.bin"
 
     def train_dataloader(self) -> DataLoader:
         # continue the stream where a resumed run stopped: one batch per micro-step so far
         start = 0
         if self.trainer is not None:
             start = self.trainer.global_step * self.trainer.accumulate_grad_batches
-        return self._loader(RandomWindows(self.data_dir / "train.bin", self.block_size, self.batch_size,
-                                          key=(self.seed, 0, self._rank()), start=start))
+        dataset = RandomWindows(self._bin("train"), self.block_size, self.batch_size,
+                                key=(self.seed, 0, self._rank()), start=start)
+        # a generator of its own: starting an iterator must not draw from torch's global one (dropout's)
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, generator=torch.Generator())
 
     def val_dataloader(self) -> list[DataLoader]:
-        """One loader per split (train, val), each `eval_iters` fresh random batches per evaluation."""
+        """One loader per split (train, val), `eval_iters` batches per evaluation, chosen by its step.
+
+        No worker processes: a worker would keep the step its copy of the dataset saw when it started.
+        """
         return [
-            self._loader(RandomWindows(self.data_dir / f"{split}.bin", self.block_size, self.batch_size,
-                                       key=(self.seed, 1 + i, self._rank()),
-                                       num_batches=self.eval_iters))
+            DataLoader(EvalWindows(self._bin(split), self.block_size, self.batch_size,
+                                   key=(self.seed, 1 + i, self._rank()), num_batches=self.eval_iters,
+                                   step=self._step),
+                       batch_size=None, num_workers=0, generator=torch.Generator())
             for i, split in enumerate(SPLITS)
         ]
