@@ -1,6 +1,7 @@
 """The fused output layer + loss gives F.cross_entropy's numbers, and does no gradient work when off."""
 
 import platform
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,9 @@ from nanogpt_lightning.fused_loss import (
     matmul,
 )
 from nanogpt_lightning.model import GPT, GPTConfig
+
+
+X86_ONEDNN = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
 
 def reference(hidden, weight, targets):
@@ -117,8 +121,8 @@ def test_tied_gpt_gradients_equal_with_fused_loss_on_and_off():
 
 
 def test_matmul_goes_through_onednn_on_x86_cpus_and_equals_the_product():
-    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available():
-        # the faster path is really the one taken here
+    if X86_ONEDNN:
+        # the faster path is really the one taken here: the real op passes its self-check
         assert fused_loss.onednn_in_use(torch.device("cpu"), torch.float32)
     torch.manual_seed(0)
     p = torch.softmax(torch.randn(256, 50304), dim=1)
@@ -129,3 +133,50 @@ def test_matmul_goes_through_onednn_on_x86_cpus_and_equals_the_product():
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
     # other dtypes take torch.mm
     torch.testing.assert_close(matmul(p.double(), weight.double()), expected)
+
+
+@pytest.fixture
+def fresh_self_check():
+    """The oneDNN self-check runs again in the test, and again (unpatched) after it."""
+    fused_loss._onednn_linear.cache_clear()
+    yield
+    fused_loss._onednn_linear.cache_clear()
+
+
+def raises_type_error(*args):
+    raise TypeError("_linear_pointwise() takes 4 positional arguments but 6 were given")
+
+
+def wrong_product(a, weight, *args):
+    return a @ weight.t() + 1.0
+
+
+@pytest.mark.parametrize("broken_op", [
+    None,
+    pytest.param(raises_type_error, marks=pytest.mark.skipif(not X86_ONEDNN, reason="oneDNN is tried on x86 only")),
+    pytest.param(wrong_product, marks=pytest.mark.skipif(not X86_ONEDNN, reason="oneDNN is tried on x86 only")),
+], ids=["missing", "raises TypeError", "wrong result"])
+def test_a_broken_onednn_op_falls_back_to_torch_mm(monkeypatch, fresh_self_check, broken_op):
+    calls = []
+    namespace = SimpleNamespace()
+    if broken_op is not None:
+        namespace._linear_pointwise = lambda *args: calls.append(len(args)) or broken_op(*args)
+    monkeypatch.setattr(torch.ops, "mkldnn", namespace)
+
+    assert not fused_loss.onednn_in_use(torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    p, weight = torch.softmax(torch.randn(32, 300), dim=1), torch.randn(300, 16)
+    assert torch.equal(matmul(p, weight), p @ weight)
+    hidden = torch.randn(40, 16, requires_grad=True)
+    weight = (torch.randn(300, 16) * 0.1).requires_grad_()
+    targets = torch.randint(0, 300, (40,))
+    loss = fused_linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+    loss.backward()
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    expected = reference(h, w, targets)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(hidden.grad, h.grad)
+    torch.testing.assert_close(weight.grad, w.grad)
+    # the op was tried once, by the self-check, and never again (the loss made two P @ W products)
+    assert calls == ([] if broken_op is None else [6])

@@ -8,46 +8,53 @@ and cuda.
 
 Per chunk the (rows x vocab) block lives in one buffer and is touched by the logits matmul, one in-place
 softmax (P), two row-max reads (they give the log-sum-exp exactly, see below) and the two gradient
-matmuls: a log-softmax then exp pass cost twice the softmax. The one-hot part of P - Y is done once on
-(rows, n_embd) tensors: d(loss)/d(hidden) = scale * (P @ W - W[targets]) and
+matmuls. The one-hot part of P - Y is done once on (rows, n_embd) tensors:
+d(loss)/d(hidden) = scale * (P @ W - W[targets]) and
 d(loss)/d(W) = P^T @ (scale * hidden), minus scale * hidden added at the target rows of W.
-
-Tried and dropped (timed on a shared 2-core AMD EPYC, GPT-2 vocabulary, n_embd 64, 512 rows): tiling the
-vocabulary too, so each block stays in cache (online log-sum-exp over tiles, logits recomputed in a second
-pass). On an idle machine it beat the row chunks by ~15%, but it launches ~100 small multi-threaded kernels
-per call, and when another process takes a core each one waits for it: 2-3x slower than row chunks then.
 """
 
+import functools
 import platform
 
 import torch
 
-# bytes of one chunk's (rows x vocab) block at most. Per chunk the 13 MB output weight of a GPT-2 vocabulary
-# is read twice and its gradient updated once, so fewer chunks are faster, even where a chunk no longer fits
-# in cache: timed as above with huge pages on (see cpu_memory.py), a 512-row micro-batch as 2 chunks of 256 took
-# ~5% less time per iteration than 4 of 128, and ~3% more than 1 of 512 (the full logits). Without huge
-# pages a block above glibc's 32 MiB mmap ceiling costs page faults on every call, and still 256 beat 128.
+# bytes of one chunk's (rows x vocab) block at most: per chunk the output weight is read twice and its
+# gradient updated once, so fewer, bigger chunks are faster, up to a size that still bounds the memory
 CHUNK_BYTES = 64 * 2**20
 
 
-# PyTorch's float32 matmul on a CPU always calls MKL's sgemm. oneDNN, built into the same PyTorch, computes
-# P @ W (a long reduction over the vocabulary into n_embd columns) in ~2/3 of sgemm's time on the AMD EPYC
-# above (8.3 vs 12.1 ms per 256-row chunk; 200 vs 167 GFLOP/s on a 2048^2 matmul), in strict float32 too.
-# PyTorch reaches it only through the op its compiler (Inductor) emits for linear layers, not a public API:
-# used on x86-64 CPUs where it exists, torch.mm elsewhere. (For P^T @ hidden oneDNN needs transposed copies
-# that cost more than they save; the logits matmul is as fast either way.)
-_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if (
-    torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")) else None
+@functools.cache
+def _onednn_linear():
+    """oneDNN's linear op where it passes a one-time self-check against torch.mm, else None (matmul: `a @ b`).
+
+    PyTorch's float32 matmul on a CPU always calls MKL's sgemm; oneDNN, built into the same PyTorch,
+    computes P @ W (a long reduction into n_embd columns) faster, in strict float32. PyTorch reaches it only
+    through an internal op of its compiler, whose signature may change between releases: so it is used only
+    on x86-64 CPUs, and only if once, on a small product laid out as in the loss, it runs and agrees with
+    torch.mm.
+    """
+    if not (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")):
+        return None
+    generator = torch.Generator().manual_seed(0)  # leaves the global random stream (training's) untouched
+    a, b = torch.rand(8, 512, generator=generator), torch.randn(512, 16, generator=generator)
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        got = op(a, b.t(), None, "none", [], "")
+        agrees = isinstance(got, torch.Tensor) and got.shape == (8, 16) and torch.allclose(
+            got, a @ b, rtol=1e-5, atol=1e-5)
+    except Exception:  # missing, or a changed signature: whatever an internal op raises, it is not usable
+        return None
+    return op if agrees else None
 
 
 def onednn_in_use(device: torch.device, dtype: torch.dtype) -> bool:
-    return _ONEDNN_LINEAR is not None and device.type == "cpu" and dtype == torch.float32
+    return device.type == "cpu" and dtype == torch.float32 and _onednn_linear() is not None
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b, through oneDNN for float32 on x86-64 CPUs (see _ONEDNN_LINEAR)."""
+    """a @ b, through oneDNN for float32 on x86-64 CPUs where it passed its self-check (see _onednn_linear)."""
     if onednn_in_use(a.device, a.dtype):
-        return _ONEDNN_LINEAR(a, b.t(), None, "none", [], "")
+        return _onednn_linear()(a, b.t(), None, "none", [], "")
     return a @ b
 
 
@@ -102,8 +109,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # out of place: a graph kept with retain_graph=True (gradcheck does so) can be backpropagated again;
-        # scaling in place was ~3% faster per m2_shakespeare iteration but breaks that
+        # out of place: a graph kept with retain_graph=True (gradcheck does so) can be backpropagated again
         return *(g * grad_loss if g is not None else None for g in ctx.saved_tensors), None, None, None
 
 
