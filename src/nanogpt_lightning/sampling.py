@@ -131,12 +131,6 @@ def sample(ckpt: str, prompt: str = "\n", num_samples: int = 10, max_new_tokens:
 
     Notes (checkpoint, speed) go to `info`. Returns the samples' texts.
     """
-    if num_samples < 1 or max_new_tokens < 0:
-        raise UserError("num_samples must be at least 1 and max_new_tokens at least 0")
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"top_k must be a positive integer or null (no filtering), got {top_k}")
     text = read_prompt(prompt)
     torch_device = pick_device(device, "device")
     path = find_checkpoint(ckpt)
