@@ -173,6 +173,13 @@ def test_output_under_a_file_is_refused_and_nothing_written(tmp_path):
     assert (tmp_path / "notes").read_text() == "a file" and not (run / "loss.png").exists()
 
 
+def test_output_that_is_a_directory_is_refused(tmp_path):
+    run = write_run(tmp_path / "run", ITERS, EVALS)
+    with pytest.raises(UserError, match=f"cannot write {tmp_path}: it is a directory; give a file name"):
+        plot_loss([str(run)], output=str(tmp_path), out=io.StringIO())
+    assert not (run / "loss.png").exists()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only directory")
 def test_output_in_a_read_only_directory_is_refused(tmp_path):
     run = write_run(tmp_path / "run", ITERS, EVALS)

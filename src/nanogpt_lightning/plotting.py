@@ -191,7 +191,8 @@ def smooth(values: list[float]) -> list[float]:
 
 
 def loss_figure(curves: list[LossCurves], title: str) -> Figure:
-    """Per-iteration training loss (faint: raw, solid: smoothed) and eval points (o: train, x: val), one colour per run."""
+    """Per-iteration training loss (faint: raw, solid: smoothed) and eval points (o: train, x: val),
+    one colour per run."""
     fig = Figure(figsize=(10, 6))  # drawn by Agg, without pyplot: no window, no global figure state
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -225,18 +226,19 @@ def plot_curves(curves: list[LossCurves], out: Path, title: str) -> Path:
 
 def check_output(out: Path) -> None:
     """Refuse an output that cannot be written before the slow reading and drawing: an image format
-    matplotlib lacks (it would also add `.png` to a name without one), or a place nobody may write."""
+    matplotlib lacks (it would also add `.png` to a name without one), or a place this user may not write."""
+    if out.is_dir():
+        raise UserError(f"cannot write {out}: it is a directory; give a file name such as {out / 'loss.png'}")
     formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
     if out.suffix[1:].lower() not in formats:
         raise UserError(f"cannot write {out}: unsupported image format; end the name with one of "
                         + ", ".join(f".{ext}" for ext in sorted(formats)))
-    if out.is_dir():
-        raise UserError(f"cannot write {out}: it is a directory; give a file name such as {out / 'loss.png'}")
-    existing = next(p for p in out.parents if p.exists())  # the directory that must take the new entries
-    if not existing.is_dir():
+    existing = next(p for p in (out, *out.parents) if p.exists())  # the file to replace, or where to add it
+    if existing != out and not existing.is_dir():
         raise UserError(f"cannot write {out}: {existing} is a file, not a directory; choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write {out}: no permission to write in {existing}; choose another path")
+    if not os.access(existing, os.W_OK if existing == out else os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {out}: no permission to write {'it' if existing == out else f'in {existing}'}; "
+                        "choose another path")
 
 
 def shorten(name: str, width: int = 32) -> str:
