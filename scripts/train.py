@@ -7,8 +7,11 @@ tune_cpu_memory()  # before torch loads: it reads its huge-page switch once
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from nanogpt_lightning.config import register_resolvers  # noqa: E402
 from nanogpt_lightning.errors import exit_on_user_error  # noqa: E402
 from nanogpt_lightning.training import train  # noqa: E402
+
+register_resolvers()  # before hydra.main composes the config
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -1,11 +1,13 @@
 """Our own Lightning callbacks and plugins.
 
-nanoGPT-style iteration lines and metrics, a progress bar with an ETA, loss.png, a clean stop on
-Ctrl+C/SIGTERM, and atomic checkpoint writes.
+nanoGPT-style iteration lines and metrics, the run's summary (start-up line, TensorBoard HPARAMS), a
+progress bar with an ETA on terminals, last.ckpt at every evaluation and at the end, loss.png, a clean
+stop on Ctrl+C/SIGTERM, and atomic checkpoint writes.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -15,24 +17,23 @@ from time import perf_counter
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Checkpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from nanogpt_lightning.console import say
 from nanogpt_lightning.errors import TrainingInterrupted
 from nanogpt_lightning.metrics import EVAL_LOSS_TAGS, ITER_LOSS_TAG
 
+FINAL_LOSS_TAGS = {split: f"hp/final_{split}_loss" for split in EVAL_LOSS_TAGS}  # HPARAMS' metric columns
 
 
 def print_line(trainer: L.Trainer, line: str) -> None:
-    """Print once (rank zero), above the progress bar when there is one."""
+    """Print once (rank zero), above the progress bar when there is one, and record it in the run's log."""
     if not trainer.is_global_zero:
         return
     bar = trainer.progress_bar_callback
-    if bar is not None and bar.is_enabled:
-        bar.print(line)
-    else:
-        print(line, flush=True)
+    say(line, write=bar.print if bar is not None and bar.is_enabled else None)
 
 
 class IterationLogger(L.Callback):
@@ -104,16 +105,52 @@ class IterationLogger(L.Callback):
 
 
 class StepProgressBar(TQDMProgressBar):
-    """The training bar runs to max_steps x accumulation micro-batches, so it shows an ETA.
+    """A bar that runs to max_steps x accumulation micro-batches, so it shows an ETA; on terminals only.
 
-    (The training stream is endless, so Lightning alone would not know the total.)
+    (The training stream is endless, so Lightning alone would not know the total.) When stdout is a file
+    or a pipe the bar stays off: a log then holds whole lines only, as nanoGPT's does.
     """
+
+    @property
+    def is_enabled(self) -> bool:
+        return super().is_enabled and sys.stdout.isatty()
 
     @property
     def total_train_batches(self):
         if self.trainer.max_steps > 0:
             return self.trainer.max_steps * self.trainer.accumulate_grad_batches
         return super().total_train_batches
+
+
+class RunSummary(L.Callback):
+    """What a run is, for the user and for TensorBoard.
+
+    At the start: one line with the model size, tokens per iteration, device and run directory; and the
+    HPARAMS row of the settings that shape the result (`pl_module.run_settings`), written while the logger
+    is open. When training ends, whatever ends it: the final evaluation losses in that row's columns.
+    """
+
+    def on_train_start(self, trainer, pl_module):
+        data = trainer.datamodule
+        tokens = data.batch_size * data.block_size * trainer.accumulate_grad_batches * trainer.world_size
+        print_line(trainer, f"{pl_module.model.num_params() / 1e6:.2f}M parameters, {tokens:,} tokens per iteration, "
+                            f"{pl_module.device.type} x {trainer.world_size}, run directory {trainer.default_root_dir}")
+        for logger in trainer.loggers:
+            logger.log_hyperparams(pl_module.run_settings, metrics={tag: math.nan for tag in FINAL_LOSS_TAGS.values()})
+
+    def on_train_end(self, trainer, pl_module):
+        self._log_final_losses(trainer)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._log_final_losses(trainer)
+
+    @staticmethod
+    def _log_final_losses(trainer: L.Trainer) -> None:
+        losses = {FINAL_LOSS_TAGS[split]: float(trainer.callback_metrics[tag])
+                  for split, tag in EVAL_LOSS_TAGS.items() if tag in trainer.callback_metrics}
+        for logger in trainer.loggers:
+            logger.log_metrics(losses, step=trainer.global_step)
+            logger.save()
 
 
 class LossPlot(L.Callback):
@@ -145,11 +182,46 @@ class LossPlot(L.Callback):
             plot_curves([curves], run_dir / self.filename, title=run_dir.name)
 
 
+class LastCheckpoint(Checkpoint):
+    """`<dirpath>/last.ckpt`: the whole state after every evaluation and when training ends, whatever ends it.
+
+    (Lightning's ModelCheckpoint(save_last=True) writes it only when it also writes a best checkpoint.)
+    A Checkpoint, so Lightning runs it after ModelCheckpoint: the state it saves knows this evaluation's best.
+    """
+
+    def __init__(self, dirpath: str):
+        self.path = Path(dirpath) / "last.ckpt"
+        self.saved_step: int | None = None
+
+    def save(self, trainer: L.Trainer) -> Path:
+        if self.saved_step != trainer.global_step:
+            trainer.save_checkpoint(self.path)
+            self.saved_step = trainer.global_step
+        return self.path
+
+    def setup(self, trainer, pl_module, stage):
+        if trainer.is_global_zero:
+            AtomicCheckpointIO.remove_stale_partial_files(self.path.parent)
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.save(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self.save(trainer)
+
+
+def last_checkpoint(trainer: L.Trainer) -> LastCheckpoint:
+    """The run's LastCheckpoint callback; one saving into the run's checkpoints/ if the config has none."""
+    found = [c for c in trainer.callbacks if isinstance(c, LastCheckpoint)]
+    return found[0] if found else LastCheckpoint(str(Path(trainer.default_root_dir) / "checkpoints"))
+
+
 class GracefulInterrupt(L.Callback):
     """Ctrl+C (SIGINT) or SIGTERM: finish the current iteration, save `last.ckpt`, then stop.
 
-    A second Ctrl+C exits at once; checkpoint writes are atomic (AtomicCheckpointIO), so that never
-    leaves a half-written file. With several processes, all of them stop at the same iteration.
+    A second Ctrl+C exits at once, removing a checkpoint it was writing (AtomicCheckpointIO never leaves a
+    half-written one in place). With several processes, all of them stop at the same iteration.
     """
 
     def __init__(self):
@@ -164,6 +236,7 @@ class GracefulInterrupt(L.Callback):
 
     def _request_stop(self, signum, frame):
         if self.signum is not None:
+            AtomicCheckpointIO.remove_partial_files()
             os._exit(128 + signum)
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: stopping after this iteration "
@@ -178,10 +251,7 @@ class GracefulInterrupt(L.Callback):
         self._last_step = trainer.global_step
         if not stop:
             return
-        checkpoint_dir = (Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback
-                          else Path(trainer.default_root_dir) / "checkpoints")
-        path = checkpoint_dir / "last.ckpt"
-        trainer.save_checkpoint(path)
+        path = last_checkpoint(trainer).save(trainer)
         raise TrainingInterrupted(self.signum or signal.SIGTERM, trainer.global_step, path)
 
     def teardown(self, trainer, pl_module, stage):
@@ -191,15 +261,19 @@ class GracefulInterrupt(L.Callback):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint beside its target, then rename it into place.
+    """Write each checkpoint beside its target (`.<name>.<pid>.partial`), then rename it into place.
 
-    A process killed mid-write leaves the previous file whole (a rename is atomic on one filesystem).
+    A process killed mid-write leaves the previous file whole (a rename is atomic on one filesystem); its
+    partial file is removed by the next run's LastCheckpoint, or at once by a second Ctrl+C.
     """
+
+    _writing: set[Path] = set()  # partial files this process is writing now
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        self._writing.add(partial)
         try:
             with open(partial, "wb") as f:
                 torch.save(checkpoint, f)
@@ -208,3 +282,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
+            self._writing.discard(partial)
+
+    @classmethod
+    def remove_partial_files(cls) -> None:
+        for partial in list(cls._writing):
+            partial.unlink(missing_ok=True)
+
+    @staticmethod
+    def remove_stale_partial_files(directory: Path) -> None:
+        """Partial files in `directory` whose writing process is gone (killed mid-save)."""
+        for partial in directory.glob(".*.partial"):
+            pid = partial.name.split(".")[-2]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                partial.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True

@@ -2,7 +2,8 @@
 
 `resolve_checkpoint` turns what the user typed (a file, a run directory, `latest`) into a file;
 `read_checkpoint` loads it, refusing anything that is not a whole nanogpt_lightning checkpoint;
-`check_resumable` compares it with the model about to be trained. Every problem is a one-line UserError.
+`resume_path` checks it against the run about to start (model shapes, vocabulary, data, settings, progress).
+Every problem is a one-line UserError.
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ def resolve_checkpoint(spec: str | Path, key: str = "ckpt", runs_root: Path = Pa
         return max(candidates, key=lambda p: p.stat().st_mtime)
     path = Path(spec).expanduser()
     if path.is_dir():
-        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-            if candidate.is_file():
-                return candidate
-        raise UserError(f"no last.ckpt in {path}/checkpoints or {path}; pass {key}=FILE.ckpt")
+        for folder in (path / "checkpoints", path):
+            if (folder / "last.ckpt").is_file():
+                return folder / "last.ckpt"
+        found = sorted(p.name for folder in (path / "checkpoints", path) for p in folder.glob("*.ckpt"))
+        holds = f"it holds {', '.join(found)}: pass {key}={path / 'checkpoints' / found[0]}" if found else (
+            f"pass {key}=FILE.ckpt")
+        raise UserError(f"no last.ckpt in {path}/checkpoints or {path}; {holds}")
     if not path.is_file():
         raise UserError(f"checkpoint {spec} does not exist; pass {key}=FILE.ckpt, a run directory or {key}=latest")
     return path
@@ -84,10 +88,51 @@ def check_resumable(checkpoint: dict, model_config: GPTConfig, tokenizer: dict, 
             "resume with the same data.* settings (text and tokenizer) or start a new run")
 
 
-def resume_path(spec: str | None, model_config: GPTConfig, tokenizer: dict) -> Path | None:
-    """The checkpoint file a `ckpt_path=` setting names, checked against the model about to be trained."""
+def describe_data(identity: dict) -> str:
+    """`input.txt (sha256 3c1f4c..., char)`: the data a checkpoint was trained on, for messages."""
+    if not identity:
+        return "data not recorded (a checkpoint from before data identities)"
+    return f"{Path(str(identity.get('source', '?'))).name} (sha256 {str(identity.get('source_sha256', '?'))[:12]}, " \
+           f"{identity.get('tokenizer', '?')} tokens)"
+
+
+def check_same_data(checkpoint: dict, data: dict, path: Path) -> None:
+    """Refuse to resume on data other than the checkpoint's (checkpoints that predate the record pass)."""
+    saved = checkpoint[CHECKPOINT_KEY].get("data")
+    if saved and saved != data:
+        raise UserError(f"checkpoint {path} was trained on {describe_data(saved)}, this run's data is "
+                        f"{describe_data(data)}; resume with the same data.* settings, or pass allow_other_data=true "
+                        "to go on training on this data")
+
+
+def check_same_settings(checkpoint: dict, settings: dict, path: Path, may_change: tuple[str, ...]) -> None:
+    """Refuse to resume with a setting that shapes the result changed: it would not apply (Lightning restores
+    the optimizer and schedule state) and the run's records would say it did."""
+    saved = checkpoint[CHECKPOINT_KEY].get("settings")
+    if not saved:
+        return
+    differ = [key for key in sorted(set(saved) | set(settings))
+              if key not in may_change and saved.get(key) != settings.get(key)]
+    if differ:
+        changes = ", ".join(f"{key}={settings.get(key)} (checkpoint: {saved.get(key)})" for key in differ)
+        raise UserError(f"checkpoint {path} was trained with other settings: {changes}; resume with the "
+                        "checkpoint's settings, or start a new run (its weights cannot carry over)")
+
+
+def resume_path(spec: str | None, module, max_steps: int, allow_other_data: bool,
+                may_change: tuple[str, ...]) -> Path | None:
+    """The checkpoint file a `ckpt_path=` setting names, checked against the run about to start (`module`,
+    a GPTModule): same shapes and vocabulary, same data unless allowed, same settings, not already done."""
     if spec is None:
         return None
     path = resolve_checkpoint(spec, key="ckpt_path")
-    check_resumable(read_checkpoint(path, key="ckpt_path"), model_config, tokenizer, path)
+    checkpoint = read_checkpoint(path, key="ckpt_path")
+    check_resumable(checkpoint, module.model_config, module.tokenizer, path)
+    if not allow_other_data:
+        check_same_data(checkpoint, module.data, path)
+    check_same_settings(checkpoint, module.run_settings, path, may_change)
+    step = checkpoint.get("global_step", 0)
+    if step >= max_steps:
+        raise UserError(f"the run of {path} is already complete: it reached iteration {step} of "
+                        f"trainer.max_steps={max_steps}; pass a larger trainer.max_steps to train further")
     return path

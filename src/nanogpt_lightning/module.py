@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from nanogpt_lightning.callbacks import print_line
+from nanogpt_lightning.callbacks import last_checkpoint, print_line
 from nanogpt_lightning.checkpoints import CHECKPOINT_KEY
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.metrics import EVAL_LOSS_TAGS, SPLITS
@@ -52,20 +52,25 @@ class GPTModule(L.LightningModule):
     A NaN or infinite training loss stops training before the iteration's update (so no checkpoint
     holds its weights), or with `skip_nonfinite` the whole iteration's update is skipped (all its
     micro-batches) and counted. The check reads one flag from the device per iteration.
+
+    Checkpoints carry, under CHECKPOINT_KEY, what sampling and resuming need: the model config, the
+    tokenizer, the identity of the data (`data`) and the settings that shape the result (`run_settings`,
+    also the TensorBoard HPARAMS row).
     """
 
     def __init__(self, model_config: GPTConfig, tokenizer: dict,
                  optimizer: Callable[[GPT], torch.optim.Optimizer],
                  scheduler: Callable[[torch.optim.Optimizer], LambdaLR],
-                 skip_nonfinite: bool = False):
+                 skip_nonfinite: bool = False, data: dict | None = None, run_settings: dict | None = None):
         super().__init__()
-        self.save_hyperparameters({"model": asdict(model_config), "tokenizer": tokenizer}, logger=False)
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.make_optimizer = optimizer
         self.make_scheduler = scheduler
         self.model = GPT(model_config)
         self.skip_nonfinite = skip_nonfinite
+        self.data = data or {}
+        self.run_settings = run_settings or {}
         self.skipped_steps = 0
         self._loss_finite = None  # all of this iteration's micro-batch losses finite, on the device
 
@@ -89,8 +94,8 @@ class GPTModule(L.LightningModule):
             return
         iteration = self.trainer.global_step + 1
         if not self.skip_nonfinite:
-            callback = self.trainer.checkpoint_callback
-            last_good = (callback.last_model_path if callback is not None else "") or "none yet"
+            saved = last_checkpoint(self.trainer)
+            last_good = saved.path if saved.saved_step is not None else "none yet"
             raise UserError(f"non-finite loss at iteration {iteration}; last good checkpoint: {last_good} "
                             "(lower optimizer.lr, or pass trainer.skip_nonfinite=true to skip such steps)")
         # no gradients: the optimizer leaves every parameter and its state untouched
@@ -116,7 +121,8 @@ class GPTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint):
-        checkpoint[CHECKPOINT_KEY] = {"model_config": asdict(self.model_config), "tokenizer": self.tokenizer}
+        checkpoint[CHECKPOINT_KEY] = {"model_config": asdict(self.model_config), "tokenizer": self.tokenizer,
+                                      "data": self.data, "settings": self.run_settings}
         # dropout draws from torch's generator: restoring it makes a resumed run repeat an unbroken one
         checkpoint["torch_rng_state"] = torch.get_rng_state()
 
