@@ -137,8 +137,12 @@ def damage(directory: Path, source: Source, tokenizer: str, val_fraction: float)
         return "missing"
     try:
         meta = json.loads((directory / "meta.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        return f"meta.json unreadable: {err.strerror if isinstance(err, OSError) else err}"
+    except FileNotFoundError:
+        return "meta.json missing"
+    except OSError as err:
+        return f"meta.json unreadable: {err.strerror or err}"
+    except ValueError:  # not UTF-8, or not JSON
+        return "meta.json is not JSON"
     if not isinstance(meta, dict):
         return "meta.json is not a JSON object"
     if not all(key in meta for key in META_KEYS):
