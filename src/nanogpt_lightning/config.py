@@ -137,6 +137,8 @@ BETAS = Rule("two numbers in [0, 1)", "[0.9,0.99]",
              lambda v: isinstance(v, list) and len(v) == 2 and all(FRACTION.accepts(b) for b in v))
 DEVICE_INDICES = Rule("a list of device indices", "[0]",
                       lambda v: isinstance(v, list) and bool(v) and all(_is_int(i) and i >= 0 for i in v))
+TARGETS = Rule("a list of configs with _target_", "[]",
+                lambda v: isinstance(v, list) and all(isinstance(c, dict) and "_target_" in c for c in v))
 # Lightning's precisions less the plugin-only ones (transformer-engine); YAML reads `32` as an int
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "64", "bf16")
 PRECISION = Rule("one of " + ", ".join(PRECISIONS), PRECISIONS[0],
@@ -193,6 +195,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "trainer.enable_model_summary": BOOLEAN,
     "trainer.log_every_n_steps": integer(1, unit="iterations"),
     "trainer.default_root_dir": text("DIR"),
+    "trainer.plugins": TARGETS,
     "callbacks.iteration_logger.log_interval": integer(1, unit="iterations"),
     "callbacks.progress_bar.refresh_rate": integer(0),
     "callbacks.model_checkpoint.dirpath": text("DIR"),
