@@ -30,14 +30,6 @@ def group_options() -> list[tuple[str, str]]:
     return options
 
 
-@pytest.fixture(autouse=True)
-def restore_hydra_config():
-    """compose_train_config(output_dir=...) sets the process's Hydra config: other tests must not see it."""
-    before = HydraConfig.instance().cfg
-    yield
-    HydraConfig.instance().cfg = before
-
-
 def leaf_keys(node: dict, prefix: str = "") -> list[str]:
     """Dotted keys of the settings in an unresolved config (a list is one setting), less _target_/_partial_."""
     keys = []
@@ -56,9 +48,13 @@ def checked(key: str, rules: dict) -> bool:
 
 
 @pytest.fixture(scope="module")
-def composed(tmp_path_factory) -> dict[tuple[str, str], DictConfig]:
-    """Every option composed (with the hydra node) and checked by compose_train_config."""
+def composed(tmp_path_factory) -> dict[tuple[str, str], DictConfig | UserError]:
+    """Every option composed (with the hydra node) and checked by compose_train_config, or its refusal.
+
+    Composing with output_dir makes it the process's Hydra config (so `${hydra:...}` resolves): only until
+    these tests end."""
     output_dir = tmp_path_factory.mktemp("run")
+    before = HydraConfig.instance().cfg
     configs = {}
     for group, option in group_options():
         module = PLUGINS.get(f"{group}/{option}")
@@ -68,8 +64,12 @@ def composed(tmp_path_factory) -> dict[tuple[str, str], DictConfig]:
             except ImportError:
                 continue
         overrides = [f"{group}={option}", *REQUIRED.get(f"{group}/{option}", [])]
-        configs[group, option] = compose_train_config(overrides, output_dir=str(output_dir))
-    return configs
+        try:
+            configs[group, option] = compose_train_config(overrides, output_dir=str(output_dir))
+        except UserError as err:
+            configs[group, option] = err
+    yield configs
+    HydraConfig.instance().cfg = before
 
 
 @pytest.mark.parametrize("group, option", group_options(), ids=[f"{g}={o}" for g, o in group_options()])
@@ -77,6 +77,8 @@ def test_every_option_composes_resolves_and_passes_the_checks(composed, group, o
     if (group, option) not in composed:
         pytest.skip(f"needs the Hydra plugin {PLUGINS[f'{group}/{option}']}, not installed here")
     cfg = composed[group, option]
+    if isinstance(cfg, UserError):
+        raise cfg
     assert cfg.hydra.runtime.choices[group] == option
     for key in cfg:  # everything resolves, ${hydra:runtime.output_dir} included; the hydra node: what options set
         value = cfg[key]
@@ -87,7 +89,7 @@ def test_every_option_composes_resolves_and_passes_the_checks(composed, group, o
 
 
 def test_every_setting_of_every_option_has_a_rule_and_every_rule_a_setting(composed):
-    settings = {key for cfg in composed.values()
+    settings = {key for cfg in composed.values() if isinstance(cfg, DictConfig)
                 for key in leaf_keys(OmegaConf.to_container(cfg)) if not key.startswith("hydra.")}
     assert {key for key in settings if not checked(key, TRAIN_RULES)} == set()
     assert set(TRAIN_RULES) - settings == set()  # no rule for a setting that no config has
@@ -213,12 +215,17 @@ def test_interpolated_values_are_checked_resolved_and_blamed_on_the_key_typed(tr
         "fix the interpolation or pass a value")
 
 
-def test_absent_keys_are_skipped_and_run_only_values_wait_for_the_run(train_cfg):
+def test_absent_keys_are_skipped(train_cfg):
     cfg = train_cfg.copy()
     OmegaConf.set_struct(cfg, False)
     del cfg.model["dropout"], cfg["eval_interval"], cfg.trainer["val_check_interval"]
     validate_train_config(cfg)
-    assert "${hydra:" in OmegaConf.to_container(train_cfg.trainer)["default_root_dir"]  # unresolvable here, passed
+
+
+def test_values_only_a_hydra_run_resolves_are_skipped_outside_one(train_cfg, monkeypatch):
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)
+    assert OmegaConf.to_container(train_cfg.trainer)["default_root_dir"] == "${hydra:runtime.output_dir}"
+    validate_train_config(train_cfg)
 
 
 def test_composition_errors_are_one_line():
@@ -240,10 +247,12 @@ SCRIPT_CASES = {
         "error: trainer.accumulate_grad_batches must be a positive integer, got 'abc'; "
         "pass e.g. trainer.accumulate_grad_batches=1"),
     "sample nan temperature": (
-        "sample.py", ["temperature=nan"], "error: temperature must be a number >= 0, got nan; pass e.g. temperature=0.8"),
+        "sample.py", ["temperature=nan"],
+        "error: temperature must be a number >= 0, got nan; pass e.g. temperature=0.8"),
     "sample numeric prompt": (
         "sample.py", ["prompt=123"],
-        "error: prompt must be text, got 123; quote it: prompt=\"'123'\", or read it from a file: prompt=FILE:path.txt"),
+        "error: prompt must be text, got 123; quote it: prompt=\"'123'\", "
+        "or read it from a file: prompt=FILE:path.txt"),
     "prepare negative block_size": (
         "prepare.py", ["data.block_size=-1"],
         "error: data.block_size must be a positive integer, got -1; pass e.g. data.block_size=1"),

@@ -26,7 +26,7 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
 
 def register_resolvers() -> None:
     """OmegaConf resolvers the configs use, e.g. `${multiply:${eval_interval},${trainer.accumulate_grad_batches}}`;
-    needed before Hydra composes. Safe to call more than once."""
+    needed before their values resolve. Safe to call more than once."""
     if not OmegaConf.has_resolver("multiply"):
         OmegaConf.register_new_resolver("multiply", lambda a, b: a * b)
 
@@ -72,11 +72,11 @@ def _is_number(value: Any) -> bool:
 
 def integer(minimum: int, maximum: int | None = None, also: tuple[int, ...] = (), unit: str = "",
             nullable: bool = False) -> Rule:
-    """An int (not a bool, not 2000.0) >= `minimum` (<= `maximum`), or one of the values in `also`."""
+    """An int (not a bool, not 2000.0) >= `minimum` (0 or 1; <= `maximum`), or one of the values in `also`."""
     if unit:
         description = f"a {'positive' if minimum == 1 else 'non-negative'} number of {unit}"
     else:
-        description = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+        description = "a positive integer" if minimum == 1 else "a non-negative integer"
     if maximum is not None:
         description += f" up to {maximum}"
     description += "".join(f" or {v}" for v in also)
@@ -92,18 +92,15 @@ def integer(minimum: int, maximum: int | None = None, also: tuple[int, ...] = ()
     return Rule(description, str(max(minimum, 1)), accepts, nullable, hint)
 
 
-def number(minimum: float, minimum_allowed: bool, below: float | None = None, nullable: bool = False,
-           example: str = "") -> Rule:
-    """A finite int or float >= `minimum` (> when not `minimum_allowed`), and < `below` if given."""
+def number(example: str, zero_allowed: bool = False, below: float | None = None, nullable: bool = False) -> Rule:
+    """A finite int or float > 0 (>= 0 when `zero_allowed`), and < `below` if given."""
     if below is not None:
-        description = f"a number in {'[' if minimum_allowed else '('}{minimum:g}, {below:g})"
-    elif minimum == 0:
-        description = "a number >= 0" if minimum_allowed else "a positive number"
+        description = f"a number in {'[' if zero_allowed else '('}0, {below:g})"
     else:
-        description = f"a number {'>=' if minimum_allowed else '>'} {minimum:g}"
-    return Rule(description, example or ("0.1" if below == 1 else "1.0"),
-                lambda v: _is_number(v) and (v >= minimum if minimum_allowed else v > minimum)
-                and (below is None or v < below), nullable)
+        description = "a number >= 0" if zero_allowed else "a positive number"
+    return Rule(description, example,
+                lambda v: _is_number(v) and (v >= 0 if zero_allowed else v > 0) and (below is None or v < below),
+                nullable)
 
 
 def _quote_hint(key: str, value: Any) -> str | None:
@@ -132,7 +129,7 @@ def one_of(*rules: Rule, nullable: bool = False) -> Rule:
 BOOLEAN = Rule("true or false", "true", lambda v: isinstance(v, bool))
 POSITIVE_INT = integer(1)
 SEED = integer(0, maximum=2**32 - 1)  # the range Lightning's and NumPy's seeding accept
-FRACTION = number(0, True, below=1)
+FRACTION = number("0.1", zero_allowed=True, below=1)
 BETAS = Rule("two numbers in [0, 1)", "[0.9,0.99]",
              lambda v: isinstance(v, list) and len(v) == 2 and all(FRACTION.accepts(b) for b in v))
 DEVICE_INDICES = Rule("a list of device indices", "[0]",
@@ -158,7 +155,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "data.cache_dir": text("DIR", nullable=True),
     "data.data_dir": text("DIR"),
     "data.tokenizer": choice("char", "gpt2"),
-    "data.val_fraction": number(0, False, below=1),
+    "data.val_fraction": number("0.1", below=1),
     "data.block_size": POSITIVE_INT,
     "data.batch_size": POSITIVE_INT,
     "data.num_workers": integer(0),
@@ -172,12 +169,12 @@ TRAIN_RULES: dict[str, Rule] = {
     "model.vocab_multiple": POSITIVE_INT,
     "model.fused_loss": BOOLEAN,
     "module.skip_nonfinite": BOOLEAN,
-    "optimizer.lr": number(0, False, example="0.001"),
-    "optimizer.weight_decay": number(0, True),
+    "optimizer.lr": number("0.001"),
+    "optimizer.weight_decay": number("0.1", zero_allowed=True),
     "optimizer.betas": BETAS,
     "scheduler.warmup_iters": integer(0, unit="iterations"),
     "scheduler.lr_decay_iters": integer(1, unit="iterations"),
-    "scheduler.min_lr": number(0, True, example="0.0001"),
+    "scheduler.min_lr": number("0.0001", zero_allowed=True),
     "scheduler.decay_lr": BOOLEAN,
     "trainer.accelerator": choice("auto", "cpu", "gpu", "cuda", "mps"),
     "trainer.devices": one_of(integer(1, also=(-1,)), choice("auto"), DEVICE_INDICES),
@@ -188,7 +185,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "trainer.max_steps": integer(1, unit="iterations"),
     "trainer.max_epochs": integer(1, also=(-1,)),
     "trainer.accumulate_grad_batches": POSITIVE_INT,
-    "trainer.gradient_clip_val": number(0, True, nullable=True),
+    "trainer.gradient_clip_val": number("1.0", zero_allowed=True, nullable=True),
     "trainer.val_check_interval": integer(1, unit="micro-batches"),
     "trainer.check_val_every_n_epoch": integer(1, nullable=True),
     "trainer.num_sanity_val_steps": integer(0, also=(-1,)),
@@ -218,7 +215,7 @@ SAMPLE_RULES: dict[str, Rule] = {
     "prompt": text("'To be'", or_what="or read it from a file: prompt=FILE:path.txt", description="text"),
     "num_samples": POSITIVE_INT,
     "max_new_tokens": integer(0, unit="tokens"),
-    "temperature": number(0, True, example="0.8"),
+    "temperature": number("0.8", zero_allowed=True),
     "top_k": integer(1, nullable=True),
     "seed": SEED,
     "device": choice("auto", "cpu", "mps", "cuda"),
