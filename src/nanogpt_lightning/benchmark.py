@@ -31,24 +31,21 @@ from time import perf_counter
 import lightning as L
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from nanogpt_lightning.cpu_memory import OFF_SWITCH
+from nanogpt_lightning.config import compose_train_config
+from nanogpt_lightning.cpu_memory import OFF_SWITCH, tune_cpu_memory
 from nanogpt_lightning.devices import pick_device
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.fused_loss import matmul, onednn_in_use
 from nanogpt_lightning.training import build_datamodule, build_module, build_trainer
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
 MATMULS_PER_TURN = 5
 VARIANTS = ("plain", "plain+tuned", "lightning", "lightning+fused")
 # environment of each variant's process: nanoGPT's loop as people run it, without the CPU memory settings
-# (the huge-page switch set in this process by importing the package must not reach it either); the
-# others as scripts/train.py runs
+# (nor the huge-page switch that this process's tune_cpu_memory put in its environment); the others
+# inherit this process's environment, as scripts/train.py runs (each applies tune_cpu_memory itself)
 UNTUNED = {OFF_SWITCH: "0", "THP_MEM_ALLOC_ENABLE": "0"}
 ENVIRONMENT = {"plain": UNTUNED}
 
@@ -216,7 +213,7 @@ def plain_pytorch_loop(cfg: DictConfig, device: torch.device, iterations: int, c
 
     def get_batch():
         # nanoGPT recreates the memmap every batch to avoid a memory leak
-        data = np.memmap(datamodule.data_dir / "train.bin", dtype=np.uint16, mode="r")
+        data = np.memmap(datamodule.prepared_dir / "train.bin", dtype=np.uint16, mode="r")
         ix = torch.randint(len(data) - block_size, (batch_size,))
         x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
@@ -238,7 +235,7 @@ def plain_pytorch_loop(cfg: DictConfig, device: torch.device, iterations: int, c
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if iteration % cfg.log_interval == 0:
+        if iteration % cfg.log_interval == 0:  # nanoGPT's log line (its output goes to os.devnull here)
             print(f"plain iter {iteration}: loss {loss.item() * accumulation:.4f}", flush=True)
         clock.tick()
 
@@ -272,17 +269,6 @@ def matmul_flops(device: torch.device) -> float:
     return MATMULS_PER_TURN * 2 * matmul_size(device) ** 3
 
 
-def compose_config(overrides: list[str], output_dir: str) -> DictConfig:
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=[*overrides, f"hydra.runtime.output_dir={output_dir}"],
-                          return_hydra_config=True)
-    except HydraException as err:
-        raise UserError(str(err).splitlines()[0]) from None
-    HydraConfig.instance().set_config(cfg)  # resolves ${hydra:runtime.output_dir} in the config
-    return cfg
-
-
 def variant_config(cfg: DictConfig, fused_loss: bool, max_steps: int, accelerator: str) -> DictConfig:
     cfg = cfg.copy()
     cfg.model.fused_loss = fused_loss
@@ -310,11 +296,25 @@ def _environment(values: dict[str, str]):
                 os.environ[key] = value
 
 
+def _silence_output() -> None:
+    """Send this process's stdout and stderr (progress bar, iteration lines, Lightning's notes, also what C
+    code writes) to os.devnull: the bench prints its table only. Errors come back through the results queue."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (sys.stdout.fileno(), sys.stderr.fileno()):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def _participant(name: str, index: int, overrides: list[str], output_dir: str, warmup: int, rounds: int,
                  steps: int, turns: Turns, results) -> None:
     """One participant's process: build it, take its turns, send back (name, times, peak memory, error)."""
+    _silence_output()
+    # the malloc settings belong to a process, and importing the package no longer makes them: each
+    # participant makes its own before it builds anything, unless its environment turns them off (`plain`);
+    # PyTorch's huge-page switch it inherits through the environment (torch has allocated by now)
+    tune_cpu_memory()
     try:
-        cfg = compose_config(overrides, output_dir)
+        cfg = compose_train_config(overrides, output_dir)
         device = pick_device(cfg.trainer.accelerator, "trainer.accelerator")
         if name == "matmul":
             clock = Clock(index, turns, [2] * (rounds + 1), device, None)
@@ -360,7 +360,7 @@ def run(overrides: list[str], warmup: int, rounds: int, steps: int) -> dict[str,
     if warmup < 1 or rounds < 1 or steps < 1:
         raise UserError("need --warmup, --rounds and --steps >= 1")
     output_dir = tempfile.mkdtemp(prefix="nanogpt-bench-")
-    cfg = compose_config(overrides, output_dir)
+    cfg = compose_train_config(overrides, output_dir)
     if str(cfg.trainer.precision) not in ("32-true", "32"):
         raise UserError("bench.py compares fp32 loops; leave trainer.precision at 32-true")
     device = pick_device(cfg.trainer.accelerator, "trainer.accelerator")
@@ -426,7 +426,7 @@ def report(cfg: DictConfig, device: torch.device, measured: dict[str, tuple[list
         q25, q75 = times[len(times) // 4], times[(3 * len(times)) // 4]
         mem_text = f"{mem / 2**20:.1f}" if mem is not None else "n/a"
         print(f"{name:<16} {1000 * median:>9.1f} {f'{1000 * q25:.1f}-{1000 * q75:.1f}':>15} {len(times):>4} "
-              f"{tokens / median:>9.0f} {flops / median / 1e9:>8.2f} {100 * flops / median / peak:>6.1f}% "
+              f"{tokens / median:>9.0f} {flops / median / 1e9:>8.3g} {100 * flops / median / peak:>6.3g}% "
               f"{mem_text:>8}")
     print(f"time per iteration vs plain: lightning {medians['lightning'] / medians['plain']:.2f}x, "
           f"lightning+fused {medians['lightning+fused'] / medians['plain']:.2f}x; "
