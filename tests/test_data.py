@@ -228,6 +228,30 @@ def test_preparing_other_data_meanwhile_leaves_a_running_jobs_data_alone(tmp_pat
     assert all(same(a, b) for a, b in zip(first_eval, [list(loader) for loader in loaders]))
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_two_preparations_of_the_same_data_at_once_both_end_with_it_whole(tmp_path, monkeypatch, force):
+    """The second preparation starts and finishes while the first is writing its bins."""
+    write = data_module._write_tokens
+    second = make_datamodule(tmp_path)
+    started = []
+
+    def write_while_another_prepares(path, ids):
+        if path.name == "val.bin" and not started:
+            started.append(True)
+            second.prepare_data(force=force)
+            assert second.prepared_dir.exists()
+        write(path, ids)
+
+    monkeypatch.setattr(data_module, "_write_tokens", write_while_another_prepares)
+    first = make_datamodule(tmp_path)
+    first.prepare_data(force=force)
+    assert first.prepared_dir == second.prepared_dir
+    assert sorted(p.name for p in (tmp_path / "bins").iterdir()) == [first.prepared_dir.name]
+    first.setup("fit")
+    second.setup("fit")
+    assert first.meta == second.meta and first.meta["tokens"] == {"train": 2748, "val": 306}
+
+
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, OSError])
 def test_an_interrupted_first_preparation_leaves_nothing(tmp_path, monkeypatch, interrupt):
     write = data_module._write_tokens
