@@ -86,24 +86,28 @@ def download(url: str, cache_dir: Path) -> Path:
     return target
 
 
-def read_input_file(path: Path) -> bytes:
-    if not path.is_file():
-        raise UserError(f"data.input_file {str(path)!r} does not exist or is not a file; pass a UTF-8 text file")
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise UserError(f"cannot read data.input_file {str(path)!r} ({err.strerror or err}); "
-                        "pass a readable file") from None
-
-
-def _decode(data: bytes, source: str) -> str:
+def _decode(data: bytes, named: str) -> str:
+    """The text of `data`, refused in one line naming it (`named`) unless it is non-empty UTF-8."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise UserError(f"data.input_file {source!r} is not UTF-8 text; convert it or pass another file") from None
+        raise UserError(f"{named} is not UTF-8 text; convert it or pass another file") from None
     if not text:
-        raise UserError(f"data.input_file {source!r} is empty; pass a file with some text in it")
+        raise UserError(f"{named} is empty; pass a file with some text in it")
     return text
+
+
+def read_input_file(path: Path) -> bytes:
+    """The bytes of a local text, refused in one line, naming `path` as given, unless it is non-empty UTF-8."""
+    if not path.is_file():
+        raise UserError(f"data.input_file {str(path)!r} does not exist or is not a file; pass a UTF-8 text file")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read data.input_file {str(path)!r} ({err.strerror or err}); "
+                        "pass a readable file") from None
+    _decode(data, f"data.input_file {str(path)!r}")
+    return data
 
 
 def _check_long_enough(split: str, n_tokens: int, block_size: int) -> None:
@@ -200,7 +204,7 @@ def _build(directory: Path, source: Source, data: bytes, tokenizer: str, val_fra
     (an error, Ctrl+C) leaves no part of it behind. A split of no more than `block_size` tokens is
     refused before anything is written.
     """
-    text = _decode(data, source.location)
+    text = _decode(data, f"the text from {source.location}")
     try:
         tok = build_tokenizer(tokenizer, text)
     except ValueError as err:
@@ -250,8 +254,9 @@ def prepare(data_dir: Path, source: Source, read: Callable[[], bytes], tokenizer
         return directory
     if wrong not in (None, "missing"):
         say(f"prepared data in {directory} is damaged ({wrong}); rebuilding it")
+    data = read()
     try:
-        _build(directory, source, read(), tokenizer, val_fraction, block_size,
+        _build(directory, source, data, tokenizer, val_fraction, block_size,
                keep_existing=lambda: not force and damage(directory, source, tokenizer, val_fraction) is None)
     except OSError as err:  # the text was read: this is writing the prepared data
         raise UserError(f"cannot write the prepared data into data.data_dir={data_dir} "
@@ -260,11 +265,11 @@ def prepare(data_dir: Path, source: Source, read: Callable[[], bytes], tokenizer
 
 
 def prepare_dataset(input_file: Path, data_dir: Path, tokenizer: str, val_fraction: float = 0.1,
-                    block_size: int = 0, force: bool = False) -> Path:
+                    block_size: int = 0) -> Path:
     """Prepare a local text file as `data.input_file=...` does, without a data module; returns its directory."""
     data = read_input_file(Path(input_file))
     source = Source(str(Path(input_file).resolve()), _sha256(data))
-    return prepare(Path(data_dir), source, lambda: data, tokenizer, val_fraction, block_size, force)
+    return prepare(Path(data_dir), source, lambda: data, tokenizer, val_fraction, block_size)
 
 
 def describe_data(identity: dict) -> str:
