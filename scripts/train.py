@@ -9,6 +9,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from nanogpt_lightning.config import register_resolvers  # noqa: E402
 from nanogpt_lightning.errors import exit_on_user_error  # noqa: E402
+from nanogpt_lightning.sweeps import report_sweep_job  # noqa: E402
 from nanogpt_lightning.training import train  # noqa: E402
 
 register_resolvers()  # before hydra.main composes the config
@@ -16,6 +17,7 @@ register_resolvers()  # before hydra.main composes the config
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @exit_on_user_error
+@report_sweep_job
 def main(cfg: DictConfig) -> float:
     return train(cfg)
 

@@ -1,0 +1,129 @@
+"""Sweeps (-m, Optuna) that outlive their failures: every job runs, each failure is reported, Ctrl+C stops them.
+
+A job runs wherever the launcher puts it (this process, a joblib worker, a SLURM node), so each job writes
+what became of it into the sweep directory (`.jobs/<job number>.json`); `SweepReport.on_multirun_end`, in
+the main process after the sweeper (and after Optuna wrote its results), reads them back, prints the summary
+and picks the exit status. A failed job returns NaN, which Optuna records as a failed trial, and the sweep
+goes on. A job stopped by Ctrl+C or SIGTERM (saved by callbacks.GracefulInterrupt) also writes `.jobs/stop`:
+the jobs after it find it and do not start.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import shutil
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback as HydraCallback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from nanogpt_lightning.console import say
+from nanogpt_lightning.errors import TrainingInterrupted, UserError
+
+JOBS_DIR = ".jobs"  # under hydra.sweep.dir
+STOP_FILE = "stop"  # in JOBS_DIR: the sweep is stopping, no further job starts
+
+# the keys that every job of this sweep sets alike (set by SweepReport.on_job_start in the job's process):
+# a job is named by its other overrides, e.g. `job 1 (model.n_head=3)`
+_shared_keys: frozenset[str] = frozenset()
+
+
+def _keys(overrides: list[str]) -> list[str]:
+    return [o.get_key_element() for o in OverridesParser.create().parse_overrides(overrides)]
+
+
+def describe(num: int, overrides: list[str]) -> str:
+    return f"job {num} ({' '.join(overrides)})"
+
+
+def _write(path: Path, record: dict) -> None:
+    """Write beside the target, then rename: the main process never reads half a record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record))
+    partial.replace(path)
+
+
+def report_sweep_job(main):
+    """Decorate the task function: a sweep's job records its outcome instead of ending the sweep.
+
+    A failure prints `error: job N (overrides): <message>` (an unexpected exception its traceback first) and
+    returns NaN; Ctrl+C or SIGTERM stops the job (saved) and the sweep. A single run is left as it is.
+    """
+
+    @functools.wraps(main)
+    def wrapper(cfg: DictConfig) -> float:
+        hydra = HydraConfig.get()
+        if hydra.mode != RunMode.MULTIRUN:
+            return main(cfg)
+        jobs = Path(hydra.sweep.dir) / JOBS_DIR
+        overrides = [o for o, key in zip(hydra.overrides.task, _keys(list(hydra.overrides.task)))
+                     if key not in _shared_keys]
+        record = {"num": hydra.job.num, "overrides": overrides, "output_dir": hydra.runtime.output_dir}
+        path = jobs / f"{hydra.job.num}.json"
+        if (jobs / STOP_FILE).exists():
+            _write(path, {**record, "status": "not run"})
+            return math.nan
+        try:
+            value = main(cfg)
+        except (TrainingInterrupted, KeyboardInterrupt) as stop:
+            signum = stop.signum if isinstance(stop, TrainingInterrupted) else signal.SIGINT
+            _write(path, {**record, "status": "stopped", "signal": signal.Signals(signum).name,
+                          "step": getattr(stop, "step", None)})
+            _write(jobs / STOP_FILE, {"signal": signal.Signals(signum).name})
+            return math.nan
+        except Exception as err:
+            error = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+            if not isinstance(err, UserError):  # a bug: keep the traceback for the report
+                say(traceback.format_exc().rstrip(), file=sys.stderr)
+            say(f"error: {describe(hydra.job.num, overrides)}: {error}", file=sys.stderr)
+            _write(path, {**record, "status": "failed", "error": error})
+            return math.nan
+        _write(path, {**record, "status": "done"})
+        return value
+
+    return wrapper
+
+
+class SweepReport(HydraCallback):
+    """Hydra callback: at the end of a sweep, list its failed, stopped and skipped jobs and exit non-zero."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        overrides = list(config.hydra.overrides.task)
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        self.shared_keys = frozenset(o.get_key_element() for o in parsed if not o.is_sweep_override())
+        shutil.rmtree(Path(config.hydra.sweep.dir) / JOBS_DIR, ignore_errors=True)  # a sweep dir used before
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        global _shared_keys
+        _shared_keys = getattr(self, "shared_keys", frozenset())
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        jobs = sorted((json.loads(p.read_text()) for p in (sweep / JOBS_DIR).glob("*.json")),
+                      key=lambda job: job["num"])
+        failed = [job for job in jobs if job["status"] == "failed"]
+        if failed:
+            say(f"error: {len(failed)} of {len(jobs)} jobs of the sweep {sweep} failed:", file=sys.stderr)
+            for job in failed:
+                say(f"  {describe(job['num'], job['overrides'])}: {job['error']}", file=sys.stderr)
+        stop_file = sweep / JOBS_DIR / STOP_FILE
+        if stop_file.exists():
+            for job in (job for job in jobs if job["status"] == "stopped"):
+                where = (f"at iteration {job['step']}; resume that job with the resume: line above"
+                         if job["step"] is not None else "before its training began; nothing saved")
+                say(f"error: {job['signal']} stopped the sweep {sweep} in "
+                    f"{describe(job['num'], job['overrides'])} {where}", file=sys.stderr)
+            not_run = [describe(job["num"], job["overrides"]) for job in jobs if job["status"] == "not run"]
+            say(f"  not run: {', '.join(not_run) or 'none'}", file=sys.stderr)
+            sys.exit(128 + signal.Signals[json.loads(stop_file.read_text())["signal"]])
+        if failed:
+            sys.exit(1)
