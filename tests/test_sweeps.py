@@ -42,20 +42,33 @@ def test_a_failed_job_is_reported_and_the_other_jobs_run(tmp_path):
     assert re.search(rf"run directory {sweep}/2\b", result.stdout)
 
 
-def test_an_unexpected_exception_keeps_its_traceback_and_fails_the_sweep(tmp_path):
+BUG = """
+import lightning as L
+
+class Bug(L.Callback):
+    def __init__(self, fail: bool):
+        self.fail = fail
+
+    def on_train_start(self, trainer, pl_module):
+        if self.fail:
+            raise RuntimeError("a bug in on_train_start")
+"""
+
+
+def test_an_unexpected_exception_keeps_its_traceback_and_fails_the_sweep(tmp_path, monkeypatch):
     """A bug is no user mistake: the traceback stays for the report, and the other jobs still run."""
+    (tmp_path / "bug.py").write_text(BUG)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     sweep = tmp_path / "sweep"
-    # a word for model.n_layer is not checked: it breaks inside the model, where no UserError is raised
-    tiny = [o for o in TINY if not o.startswith("model.n_layer=")]
-    result = run_script("train.py", "-m", *tiny, "optimizer.lr=3e-3", "model.n_head=2", "trainer.max_steps=2",
-                        f"data.data_dir={tmp_path / 'data'}", "model.n_layer=1,x", f"hydra.sweep.dir={sweep}",
-                        cwd=tmp_path, check=False)
+    result = run_script("train.py", "-m", *TINY, "optimizer.lr=3e-3", "model.n_head=2", "trainer.max_steps=2",
+                        f"data.data_dir={tmp_path / 'data'}", "+callbacks.bug._target_=bug.Bug",
+                        "+callbacks.bug.fail=false,true,false", f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)
     assert result.returncode == 1, result.stderr
-    assert steps_saved(sweep / "0") == 2
-    assert "Traceback (most recent call last)" in result.stderr
-    failed = [line for line in result.stderr.splitlines() if line.startswith("error: job 1 (model.n_layer=x): TypeError: ")]
-    assert len(failed) == 1
-    assert result.stderr.splitlines()[-1] == "  " + failed[0].removeprefix("error: ")
+    assert steps_saved(sweep / "0") == 2 and steps_saved(sweep / "2") == 2
+    assert "Traceback (most recent call last)" in result.stderr and 'raise RuntimeError("a bug' in result.stderr
+    line = "job 1 (+callbacks.bug.fail=True): RuntimeError: a bug in on_train_start"
+    assert f"error: {line}" in result.stderr.splitlines()
+    assert result.stderr.splitlines()[-2:] == [f"error: 1 of 3 jobs of the sweep {sweep} failed:", f"  {line}"]
 
 
 def test_optuna_marks_an_invalid_trial_failed_and_finishes_the_search(tmp_path):

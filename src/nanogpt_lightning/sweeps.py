@@ -3,8 +3,8 @@
 A job runs wherever the launcher puts it (this process, a joblib worker, a SLURM node), so each job writes
 what became of it into the sweep directory (`.jobs/<job number>.json`); `SweepReport.on_multirun_end`, in
 the main process after the sweeper (and after Optuna wrote its results), reads them back, prints the summary
-and picks the exit status. A failed job returns NaN, which Optuna records as a failed trial, and the sweep
-goes on. A job stopped by Ctrl+C or SIGTERM (saved by callbacks.GracefulInterrupt) also writes `.jobs/stop`:
+and picks the exit status. A failed job returns None, which the Optuna sweeper records as a failed trial, and
+the sweep goes on (not NaN: optuna 2.10 refuses to be told NaN, and the sweeper then dies telling it again). A job stopped by Ctrl+C or SIGTERM (saved by callbacks.GracefulInterrupt) also writes `.jobs/stop`:
 the jobs after it find it and do not start.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import shutil
 import signal
 import sys
@@ -56,11 +55,11 @@ def report_sweep_job(main):
     """Decorate the task function: a sweep's job records its outcome instead of ending the sweep.
 
     A failure prints `error: job N (overrides): <message>` (an unexpected exception its traceback first) and
-    returns NaN; Ctrl+C or SIGTERM stops the job (saved) and the sweep. A single run is left as it is.
+    returns None; Ctrl+C or SIGTERM stops the job (saved) and the sweep. A single run is left as it is.
     """
 
     @functools.wraps(main)
-    def wrapper(cfg: DictConfig) -> float:
+    def wrapper(cfg: DictConfig) -> float | None:
         hydra = HydraConfig.get()
         if hydra.mode != RunMode.MULTIRUN:
             return main(cfg)
@@ -71,7 +70,7 @@ def report_sweep_job(main):
         path = jobs / f"{hydra.job.num}.json"
         if (jobs / STOP_FILE).exists():
             _write(path, {**record, "status": "not run"})
-            return math.nan
+            return None
         try:
             value = main(cfg)
         except (TrainingInterrupted, KeyboardInterrupt) as stop:
@@ -79,14 +78,14 @@ def report_sweep_job(main):
             _write(path, {**record, "status": "stopped", "signal": signal.Signals(signum).name,
                           "step": getattr(stop, "step", None)})
             _write(jobs / STOP_FILE, {"signal": signal.Signals(signum).name})
-            return math.nan
+            return None
         except Exception as err:
             error = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
             if not isinstance(err, UserError):  # a bug: keep the traceback for the report
                 say(traceback.format_exc().rstrip(), file=sys.stderr)
             say(f"error: {describe(hydra.job.num, overrides)}: {error}", file=sys.stderr)
             _write(path, {**record, "status": "failed", "error": error})
-            return math.nan
+            return None
         _write(path, {**record, "status": "done"})
         return value
 
