@@ -1,6 +1,7 @@
 """Shared fixtures: a small real text, and running the real scripts in a subprocess."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,11 @@ TINY_RUN = [
     "data=text", f"data.input_file={SONNETS}", "data.block_size=16", "data.batch_size=8",
     "model.n_layer=1", "model.n_head=2", "model.n_embd=32",
     "optimizer.lr=3e-3", "scheduler.warmup_iters=5", "scheduler.lr_decay_iters=1000",
-    "eval_iters=2", "callbacks.progress_bar.refresh_rate=0",
+    "eval_iters=2",
 ]
+# the lines a run prints (nanoGPT's)
+ITER_LINE = re.compile(r"^iter (\d+): loss (\d+\.\d{4}), time (\d+\.\d{2})ms$", re.M)
+STEP_LINE = re.compile(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4})$", re.M)
 
 
 def run_script(script: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

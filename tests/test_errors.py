@@ -74,9 +74,27 @@ CASES = {
     "zero max_steps": (lambda d: ["trainer.max_steps=0"],
                        "trainer.max_steps must be a positive number of iterations, got 0"),
     "negative batch_size": (lambda d: ["data.batch_size=-8"], "data.batch_size must be a positive integer, got -8"),
-    "zero lr": (lambda d: ["optimizer.lr=0"], "optimizer.lr must be positive, got 0"),
+    "zero lr": (lambda d: ["optimizer.lr=0"], "optimizer.lr must be a positive number, got 0"),
+    "a new run in a directory holding a run": (
+        lambda d: [f"hydra.run.dir={d / 'prev'}"],
+        "{d}/prev already holds a run (checkpoints/); resume it with ckpt_path={d}/prev, "
+        "or pass another hydra.run.dir=DIR"),
+    "resume with a changed setting": (
+        lambda d: [f"ckpt_path={d / 'prev'}", "optimizer.lr=0.01", "trainer.max_steps=4"],
+        "checkpoint {d}/prev/checkpoints/last.ckpt was trained with other settings: optimizer.lr=0.01 "
+        "(checkpoint: 0.003); resume with the checkpoint's settings, or start a new run"),
+    "resume on other data": (
+        lambda d: [f"ckpt_path={d / 'prev'}", f"data.input_file={write(d / 'reversed.txt', SONNETS.read_bytes()[::-1])}",
+                   f"data.data_dir={d / 'other_data'}"],
+        "checkpoint {d}/prev/checkpoints/last.ckpt was trained on sonnets.txt (sha256 "),
+    "resume a finished run": (
+        lambda d: [f"ckpt_path={d / 'prev'}", "trainer.max_steps=2"],
+        "the run of {d}/prev/checkpoints/last.ckpt is already complete: it reached iteration 2 of "
+        "trainer.max_steps=2; pass a larger trainer.max_steps to train further"),
 }
-RESUME_CASES = ("block_size larger than the checkpoint's", "checkpoint of another model", "truncated checkpoint")
+RESUME_CASES = ("block_size larger than the checkpoint's", "checkpoint of another model", "truncated checkpoint",
+                "a new run in a directory holding a run", "resume with a changed setting", "resume on other data",
+                "resume a finished run")
 SKIPPED = {  # not run
     "unavailable accelerator": MISSING_ACCELERATOR is None,  # every device is here
 }
@@ -125,6 +143,7 @@ def test_bad_input_is_one_line_and_exit_1_and_loses_nothing(outcomes, name):
     assert "Traceback" not in stderr
     assert fingerprints(case_dir) == before  # nothing of the data or the previous run touched
     assert before  # ... and there was something to touch
+    assert not (case_dir / "run").exists()  # a run that never started leaves no run directory
     expected = CASES[name][1]
     if expected is None:  # Hydra's own message for an unknown group option
         assert "Could not find 'model/gpt5'" in stderr and "Available options in 'model'" in stderr

@@ -69,7 +69,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pat
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: non-finite loss at iteration 5; last good checkpoint: {last} "
-                      "(lower optimizer.lr, or pass trainer.skip_nonfinite=true to skip such steps)"]
+                      "(lower optimizer.lr, or pass module.skip_nonfinite=true to skip such steps)"]
     assert result.stderr.rstrip().endswith(errors[0])
     assert "iter 4:" in result.stdout and "iter 5:" not in result.stdout
     checkpoint = torch.load(last, weights_only=True, map_location="cpu")
@@ -81,7 +81,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pat
 def test_skip_nonfinite_skips_the_whole_iteration_and_counts_it(tmp_path, monkeypatch):
     report = tmp_path / "report.json"
     # an infinite loss in the second of two micro-batches of iteration 3
-    result = train(tmp_path, monkeypatch, "trainer.skip_nonfinite=true", "trainer.accumulate_grad_batches=2",
+    result = train(tmp_path, monkeypatch, "module.skip_nonfinite=true", "trainer.accumulate_grad_batches=2",
                    "+callbacks.poison.iteration=3", "+callbacks.poison.micro_batches=[1]",
                    "+callbacks.poison.value=inf", f"+callbacks.poison.report={report}",
                    "trainer.max_steps=5", "eval_interval=5")

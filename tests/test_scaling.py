@@ -12,11 +12,9 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SONNETS, TINY_RUN, run_script
+from conftest import ITER_LINE, SONNETS, STEP_LINE, TINY_RUN, run_script
 from nanogpt_lightning.data import TextDataModule
 
-ITER_LINE = re.compile(r"^iter (\d+): loss (\d+\.\d{4}), time (\d+\.\d{2})ms$", re.M)
-STEP_LINE = re.compile(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4})$", re.M)
 
 
 def events_pids(run: Path) -> set[str]:

@@ -1,38 +1,64 @@
 """End to end: scripts/train.py on a small real text, as a user runs it."""
 
-import re
+import fcntl
+import math
 
+import lightning as L
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import TINY_RUN, run_script
+from nanogpt_lightning.data import describe_data
+from nanogpt_lightning.model import GPT, GPTConfig
 
-ITER_LINE = re.compile(r"^iter (\d+): loss (\d+\.\d{4}), time (\d+\.\d{2})ms$", re.M)
-STEP_LINE = re.compile(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4})$", re.M)
+from conftest import ITER_LINE, ROOT, STEP_LINE, TINY_RUN, run_script
 
 
-def train(tmp_path, run_name, *overrides):
+def train(tmp_path, run_name, *overrides, check=True):
     return run_script("train.py", *TINY_RUN, f"data.data_dir={tmp_path / 'data'}",
-                      f"hydra.run.dir={tmp_path / run_name}", *overrides, cwd=tmp_path)
+                      f"hydra.run.dir={tmp_path / run_name}", *overrides, cwd=tmp_path, check=check)
+
+
+def step_of(path) -> int:
+    return torch.load(path, weights_only=True, map_location="cpu")["global_step"]
 
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
+    """65 iterations (not a multiple of the evaluation interval) of two micro-batches each."""
     tmp_path = tmp_path_factory.mktemp("train")
-    result = train(tmp_path, "run", "trainer.max_steps=60", "eval_interval=30", "trainer.accumulate_grad_batches=2")
+    result = train(tmp_path, "run", "trainer.max_steps=65", "eval_interval=30", "trainer.accumulate_grad_batches=2")
     return tmp_path, result
 
 
-def test_training_lowers_the_loss_and_prints_nanogpt_lines(first_run):
+def test_training_lowers_the_loss_and_prints_whole_nanogpt_lines(first_run):
     _, result = first_run
+    assert "\r" not in result.stdout  # not a terminal: no progress bar frames
     iters = [(int(n), float(loss)) for n, loss, _ in ITER_LINE.findall(result.stdout)]
-    assert [n for n, _ in iters] == list(range(1, 61))
+    assert [n for n, _ in iters] == list(range(1, 66))
     first, last = sum(l for _, l in iters[:5]) / 5, sum(l for _, l in iters[-5:]) / 5
     assert last < first - 0.5
     steps = STEP_LINE.findall(result.stdout)
     assert [int(s) for s, _, _ in steps] == [30, 60]
     assert float(steps[1][2]) < float(steps[0][2])
+
+
+def test_start_up_is_one_summary_line_and_the_run_log_records_the_lines(first_run):
+    tmp_path, result = first_run
+    run = tmp_path / "run"
+    lines = result.stdout.splitlines()
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    n_params = GPT(GPTConfig(**saved["nanogpt_lightning"]["model_config"])).num_params(non_embedding=False)
+    summary = [line for line in lines if "parameters" in line or line.startswith("data:")]
+    [prepared] = [d for d in (tmp_path / "data").iterdir() if not d.name.startswith(".")]
+    assert summary[0] == f"data: {describe_data(saved['nanogpt_lightning']['data'])} in {prepared}"
+    assert summary[0].startswith("data: sonnets.txt (sha256 ")
+    assert summary[1:] == [f"{n_params:,} parameters, 256 tokens per iteration, cpu x 1, run directory {run}"]
+    for noise in ("GPU available", "TPU available", "Tip:", "FLOPs", "deprecated", "max_steps=65` reached"):
+        assert noise not in result.stdout + result.stderr
+    log = (run / "train.log").read_text()
+    assert log.splitlines() == [line for line in lines if line]  # the run's own lines, as printed
 
 
 def test_run_dir_holds_config_tensorboard_curves_and_checkpoints(first_run):
@@ -44,15 +70,37 @@ def test_run_dir_holds_config_tensorboard_curves_and_checkpoints(first_run):
     for tag in ("train/iter_loss", "train/loss", "val/loss", "perf/ms_per_iter", "perf/tokens_per_sec", "lr"):
         assert tag in tags
     iter_losses = events.Scalars("train/iter_loss")
-    assert [e.step for e in iter_losses] == list(range(1, 61))
+    assert [e.step for e in iter_losses] == list(range(1, 66))
     printed = [float(loss) for _, loss, _ in ITER_LINE.findall(result.stdout)]
     assert [round(e.value, 4) for e in iter_losses] == pytest.approx(printed, abs=1e-4)
     assert [e.step for e in events.Scalars("val/loss")] == [30, 60]
-    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
-    assert checkpoint["global_step"] == 60
-    assert checkpoint["nanogpt_lightning"]["model_config"]["n_embd"] == 32
-    assert checkpoint["nanogpt_lightning"]["tokenizer"]["kind"] == "char"
-    assert (run / "checkpoints" / "best.ckpt").exists()
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert checkpoint["global_step"] == 65  # the end of training, though the last evaluation was at 60
+    saved = checkpoint["nanogpt_lightning"]
+    assert saved["model_config"]["n_embd"] == 32 and saved["tokenizer"]["kind"] == "char"
+    assert saved["data"]["source"].endswith("sonnets.txt") and saved["settings"]["optimizer.lr"] == 3e-3
+    assert "hyper_parameters" not in checkpoint  # the model config and tokenizer are stored once
+    assert step_of(run / "checkpoints" / "best.ckpt") == 60
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+def test_hparams_hold_the_settings_that_shape_the_result_and_the_final_losses(first_run):
+    tmp_path, result = first_run
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = start.session_start_info.hparams
+    assert hparams["model.n_embd"].number_value == 32
+    assert hparams["optimizer.lr"].number_value == pytest.approx(3e-3)
+    assert hparams["trainer.accumulate_grad_batches"].number_value == 2
+    assert hparams["data.tokenizer"].string_value == "char"
+    assert not [key for key in hparams if "_target_" in key or "dirpath" in key or "save_dir" in key]
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} == {"hp/final_train_loss", "hp/final_val_loss"}
+    final_train, final_val = map(float, STEP_LINE.findall(result.stdout)[-1][1:])
+    final = events.Scalars("hp/final_val_loss")[-1]
+    assert final.step == 65 and final.value == pytest.approx(final_val, abs=1e-4)
+    assert events.Scalars("hp/final_train_loss")[-1].value == pytest.approx(final_train, abs=1e-4)
 
 
 def test_resume_continues_the_step_count(first_run):
@@ -60,15 +108,52 @@ def test_resume_continues_the_step_count(first_run):
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     result = train(tmp_path, "resumed", "trainer.max_steps=70", "eval_interval=30",
                    "trainer.accumulate_grad_batches=2", f"ckpt_path={ckpt}")
-    assert [int(n) for n, _, _ in ITER_LINE.findall(result.stdout)] == list(range(61, 71))
+    assert [int(n) for n, _, _ in ITER_LINE.findall(result.stdout)] == list(range(66, 71))
     first_loss = float(ITER_LINE.findall(result.stdout)[0][1])
     assert first_loss < 3.0  # the trained weights came back, not a fresh model (ln 38 = 3.6)
+    assert step_of(tmp_path / "resumed" / "checkpoints" / "last.ckpt") == 70
+
+
+class FakeValLoss(L.Callback):
+    """Replaces the val loss that checkpointing sees with `losses`, one per evaluation (the printed lines keep
+    the real ones): lets a test choose a rising val loss."""
+
+    def __init__(self, losses):
+        self.losses = list(losses)
+
+    def on_validation_end(self, trainer, pl_module):
+        trainer.callback_metrics["val/loss"] = torch.tensor(self.losses.pop(0))
+
+
+def test_last_checkpoint_is_the_final_iteration_when_the_val_loss_rises(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))
+    train(tmp_path, "run", "trainer.max_steps=9", "eval_interval=2", "+callbacks.fake._target_=test_train.FakeValLoss",
+          "+callbacks.fake.losses=[2.49,2.39,2.48,2.63]")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert step_of(checkpoints / "best.ckpt") == 4  # the lowest val loss
+    assert step_of(checkpoints / "last.ckpt") == 9  # evaluations at 2, 4, 6, 8, then the end
+    resumed = train(tmp_path, "resumed", "trainer.max_steps=11", f"ckpt_path={tmp_path / 'run'}",
+                    "eval_interval=2", "+callbacks.fake._target_=test_train.FakeValLoss", "+callbacks.fake.losses=[9]")
+    assert [int(n) for n, _, _ in ITER_LINE.findall(resumed.stdout)] == [10, 11]
+
+
+def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path):
+    run = tmp_path / "busy"
+    run.mkdir()
+    with open(run / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a training process holds it
+        result = train(tmp_path, "busy", "trainer.max_steps=2", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: another process is training in {run} now; wait for it to end, or pass another hydra.run.dir=DIR")
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written
 
 
 def test_bpe_training_runs(tmp_path):
     result = run_script("train.py", *TINY_RUN, "data.tokenizer=gpt2", f"data.data_dir={tmp_path / 'bpe'}",
                         "trainer.max_steps=4", "eval_interval=2", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert [int(n) for n, _, _ in ITER_LINE.findall(result.stdout)] == [1, 2, 3, 4]
+    assert all(math.isfinite(float(v)) for _, _, v in STEP_LINE.findall(result.stdout))
 
 
 def test_two_run_sweep_writes_one_directory_per_run(tmp_path):
@@ -76,9 +161,10 @@ def test_two_run_sweep_writes_one_directory_per_run(tmp_path):
     result = run_script("train.py", "-m", *TINY_RUN, f"data.data_dir={tmp_path / 'data'}",
                         "model.n_embd=16,32", "trainer.max_steps=4", "eval_interval=2",
                         f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert runs == ["0", "1"]
     for run in runs:
         assert list((sweep / run / "tensorboard").glob("events.out.tfevents.*"))
         assert (sweep / run / "checkpoints" / "last.ckpt").exists()
+        assert len(STEP_LINE.findall((sweep / run / "train.log").read_text())) == 2
     assert len(STEP_LINE.findall(result.stdout)) == 4

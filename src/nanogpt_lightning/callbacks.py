@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from nanogpt_lightning.console import say
+from nanogpt_lightning.data import describe_data
 from nanogpt_lightning.errors import TrainingInterrupted
 from nanogpt_lightning.metrics import EVAL_LOSS_TAGS, ITER_LOSS_TAG
 
@@ -47,8 +48,6 @@ class IterationLogger(L.Callback):
     """
 
     def __init__(self, log_interval: int = 1):
-        if log_interval <= 0:
-            raise ValueError(f"log_interval must be a positive integer, got {log_interval}")
         self.log_interval = log_interval
 
     def _start_window(self, trainer: L.Trainer) -> None:
@@ -125,7 +124,8 @@ class StepProgressBar(TQDMProgressBar):
 class RunSummary(L.Callback):
     """What a run is, for the user and for TensorBoard.
 
-    At the start: one line with the model size, tokens per iteration, device and run directory; and the
+    At the start: the data it trains on, and one line with the model size, tokens per iteration, device and
+    run directory; and the
     HPARAMS row of the settings that shape the result (`pl_module.run_settings`), written while the logger
     is open. When training ends, whatever ends it: the final evaluation losses in that row's columns.
     """
@@ -133,7 +133,8 @@ class RunSummary(L.Callback):
     def on_train_start(self, trainer, pl_module):
         data = trainer.datamodule
         tokens = data.batch_size * data.block_size * trainer.accumulate_grad_batches * trainer.world_size
-        print_line(trainer, f"{pl_module.model.num_params() / 1e6:.2f}M parameters, {tokens:,} tokens per iteration, "
+        print_line(trainer, f"data: {describe_data(data.identity)} in {data.prepared_dir}")
+        print_line(trainer, f"{pl_module.model.num_params(non_embedding=False):,} parameters, {tokens:,} tokens per iteration, "
                             f"{pl_module.device.type} x {trainer.world_size}, run directory {trainer.default_root_dir}")
         for logger in trainer.loggers:
             logger.log_hyperparams(pl_module.run_settings, metrics={tag: math.nan for tag in FINAL_LOSS_TAGS.values()})

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from nanogpt_lightning.data import describe_data
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model import GPTConfig
 
@@ -86,14 +87,6 @@ def check_resumable(checkpoint: dict, model_config: GPTConfig, tokenizer: dict, 
             f"checkpoint {path} was trained on a {saved_tokenizer.get('kind')} vocabulary of {saved['vocab_size']} "
             f"tokens, the data here has a {tokenizer.get('kind')} vocabulary of {model_config.vocab_size}; "
             "resume with the same data.* settings (text and tokenizer) or start a new run")
-
-
-def describe_data(identity: dict) -> str:
-    """`input.txt (sha256 3c1f4c..., char)`: the data a checkpoint was trained on, for messages."""
-    if not identity:
-        return "data not recorded (a checkpoint from before data identities)"
-    return f"{Path(str(identity.get('source', '?'))).name} (sha256 {str(identity.get('source_sha256', '?'))[:12]}, " \
-           f"{identity.get('tokenizer', '?')} tokens)"
 
 
 def check_same_data(checkpoint: dict, data: dict, path: Path) -> None:

@@ -41,8 +41,6 @@ class WarmupCosineLR(LambdaLR):
 
 def adamw(model: GPT, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
     """AdamW over nanoGPT's decay/no-decay groups, with the fused kernel (all devices we target have one)."""
-    if not lr > 0:
-        raise ValueError(f"optimizer.lr must be positive, got {lr}")
     return torch.optim.AdamW(model.optimizer_groups(weight_decay), lr=lr, betas=tuple(betas), fused=True)
 
 
@@ -97,7 +95,7 @@ class GPTModule(L.LightningModule):
             saved = last_checkpoint(self.trainer)
             last_good = saved.path if saved.saved_step is not None else "none yet"
             raise UserError(f"non-finite loss at iteration {iteration}; last good checkpoint: {last_good} "
-                            "(lower optimizer.lr, or pass trainer.skip_nonfinite=true to skip such steps)")
+                            "(lower optimizer.lr, or pass module.skip_nonfinite=true to skip such steps)")
         # no gradients: the optimizer leaves every parameter and its state untouched
         optimizer.zero_grad(set_to_none=True)
         self.skipped_steps += 1
