@@ -4,11 +4,14 @@ from nanogpt_lightning.cpu_memory import tune_cpu_memory
 
 tune_cpu_memory()  # before torch loads: it reads its huge-page switch once
 
+from nanogpt_lightning.errors import exit_on_user_error, quiet_ctrl_c  # noqa: E402  (standard library only)
+
+quiet_ctrl_c()  # from here on: Ctrl+C during the seconds of imports below is one line, not a traceback
+
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from nanogpt_lightning.config import register_resolvers  # noqa: E402
-from nanogpt_lightning.errors import exit_on_user_error  # noqa: E402
 from nanogpt_lightning.sweeps import report_sweep_job  # noqa: E402
 from nanogpt_lightning.training import train  # noqa: E402
 

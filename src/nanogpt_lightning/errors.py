@@ -1,6 +1,7 @@
 """User mistakes become one clear line on stderr and a non-zero exit, never a traceback."""
 
 import functools
+import os
 import signal
 import sys
 from pathlib import Path
@@ -34,3 +35,20 @@ def exit_on_user_error(main):
             sys.exit(0 if stop.signum == signal.SIGINT else 128 + stop.signum)
 
     return wrapper
+
+
+def quiet_ctrl_c() -> None:
+    """Ctrl+C before training starts (imports, Hydra's start-up): one line and exit 130, no traceback.
+
+    During training callbacks.GracefulInterrupt handles it instead; a sweep's job records it (sweeps.py).
+    """
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if not issubclass(kind, KeyboardInterrupt):
+            return previous(kind, value, tb)
+        print("\nstopped by Ctrl+C before training began; nothing saved", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # after an uncaught KeyboardInterrupt Python would end by the signal, not with a status
+
+    sys.excepthook = hook
