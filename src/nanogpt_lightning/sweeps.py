@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import signal
 import sys
@@ -29,11 +30,7 @@ from nanogpt_lightning.errors import TrainingInterrupted, UserError
 
 JOBS_DIR = ".jobs"  # under hydra.sweep.dir
 STOP_FILE = "stop"  # in JOBS_DIR: the sweep is stopping, no further job starts
-
-# the keys that every job of this sweep sets alike (set by SweepReport.on_job_start in the job's process):
-# a job is named by its other overrides, e.g. `job 1 (model.n_head=3)`
-_shared_keys: frozenset[str] = frozenset()
-
+SHARED_FILE = "shared_keys.json"  # in JOBS_DIR: the keys every job sets alike; a job is named by its other overrides
 
 def _keys(overrides: list[str]) -> list[str]:
     return [o.get_key_element() for o in OverridesParser.create().parse_overrides(overrides)]
@@ -43,7 +40,7 @@ def describe(num: int, overrides: list[str]) -> str:
     return f"job {num} ({' '.join(overrides)})"
 
 
-def _write(path: Path, record: dict) -> None:
+def _write(path: Path, record) -> None:
     """Write beside the target, then rename: the main process never reads half a record."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
@@ -64,8 +61,8 @@ def report_sweep_job(main):
         if hydra.mode != RunMode.MULTIRUN:
             return main(cfg)
         jobs = Path(hydra.sweep.dir) / JOBS_DIR
-        overrides = [o for o, key in zip(hydra.overrides.task, _keys(list(hydra.overrides.task)))
-                     if key not in _shared_keys]
+        shared = json.loads((jobs / SHARED_FILE).read_text()) if (jobs / SHARED_FILE).exists() else []
+        overrides = [o for o, key in zip(hydra.overrides.task, _keys(list(hydra.overrides.task))) if key not in shared]
         record = {"num": hydra.job.num, "overrides": overrides, "output_dir": hydra.runtime.output_dir}
         path = jobs / f"{hydra.job.num}.json"
         if (jobs / STOP_FILE).exists():
@@ -92,22 +89,32 @@ def report_sweep_job(main):
     return wrapper
 
 
+def _stop_starting_jobs(jobs: Path, signum: int, frame) -> None:
+    if (jobs / STOP_FILE).exists():  # asked twice
+        os._exit(128 + signum)
+    _write(jobs / STOP_FILE, {"signal": signal.Signals(signum).name})
+    say(f"\n{signal.Signals(signum).name}: the sweep stops once the jobs running now have saved; no further job "
+        "starts (press Ctrl+C again to quit at once)", file=sys.stderr)
+
+
 class SweepReport(HydraCallback):
     """Hydra callback: at the end of a sweep, list its failed, stopped and skipped jobs and exit non-zero."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        overrides = list(config.hydra.overrides.task)
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        self.shared_keys = frozenset(o.get_key_element() for o in parsed if not o.is_sweep_override())
-        shutil.rmtree(Path(config.hydra.sweep.dir) / JOBS_DIR, ignore_errors=True)  # a sweep dir used before
-
-    def on_job_start(self, config: DictConfig, **kwargs) -> None:
-        global _shared_keys
-        _shared_keys = getattr(self, "shared_keys", frozenset())
+        jobs = Path(config.hydra.sweep.dir) / JOBS_DIR
+        shutil.rmtree(jobs, ignore_errors=True)  # a sweep dir used before
+        parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+        _write(jobs / SHARED_FILE, sorted({o.get_key_element() for o in parsed} - swept))
+        if not config.hydra.launcher._target_.endswith(".BasicLauncher"):
+            # the jobs run in other processes (joblib workers, SLURM), which save and stop on their own:
+            # here Ctrl+C only keeps further jobs from starting, and the summary still comes
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, functools.partial(_stop_starting_jobs, jobs))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
-        jobs = sorted((json.loads(p.read_text()) for p in (sweep / JOBS_DIR).glob("*.json")),
+        jobs = sorted((json.loads(p.read_text()) for p in (sweep / JOBS_DIR).glob("[0-9]*.json")),
                       key=lambda job: job["num"])
         failed = [job for job in jobs if job["status"] == "failed"]
         if failed:
