@@ -15,9 +15,7 @@ import pytest
 import torch
 
 from conftest import SONNETS, TINY_RUN, run_script
-from nanogpt_lightning.checkpoints import read_checkpoint, resolve_checkpoint
 from nanogpt_lightning.data import prepare_dataset
-from nanogpt_lightning.errors import UserError
 
 
 def unavailable_accelerator() -> tuple[str | None, str]:
@@ -152,16 +150,3 @@ def test_bad_input_is_one_line_and_exit_1_and_loses_nothing(outcomes, name):
     assert len(errors) == 1, stderr
     assert stderr.rstrip().splitlines()[-1] == errors[0]  # the last word
     assert errors[0].startswith("error: " + expected.replace("{d}", str(case_dir))), stderr
-
-
-def test_checkpoint_reading_refuses_foreign_files_and_resolves_run_dirs(tmp_path):
-    with pytest.raises(UserError, match=f"cannot read checkpoint {SONNETS}, it is truncated or not a checkpoint"):
-        read_checkpoint(SONNETS, key="ckpt_path")
-    foreign = tmp_path / "foreign.ckpt"
-    torch.save({"state_dict": {"weight": torch.zeros(2)}}, foreign)
-    with pytest.raises(UserError, match="not a nanogpt_lightning checkpoint; pass ckpt_path="):
-        read_checkpoint(foreign, key="ckpt_path")
-    last = write(tmp_path / "run" / "checkpoints" / "last.ckpt", b"")
-    assert resolve_checkpoint(tmp_path / "run", key="ckpt_path") == last
-    with pytest.raises(UserError, match="does not exist; pass ckpt_path=FILE.ckpt"):
-        resolve_checkpoint(tmp_path / "missing.ckpt", key="ckpt_path")

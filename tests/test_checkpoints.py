@@ -1,0 +1,58 @@
+"""Finding, reading and checking checkpoints before a resume (checkpoints.py)."""
+
+import pytest
+import torch
+
+from nanogpt_lightning.checkpoints import (CHECKPOINT_KEY, check_same_data, check_same_settings, read_checkpoint,
+                                           resolve_checkpoint)
+from nanogpt_lightning.errors import UserError
+
+from conftest import SONNETS
+
+
+def test_reading_refuses_files_that_are_not_our_checkpoints(tmp_path):
+    with pytest.raises(UserError, match=f"cannot read checkpoint {SONNETS}, it is truncated or not a checkpoint"):
+        read_checkpoint(SONNETS, key="ckpt_path")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"weight": torch.zeros(2)}}, foreign)
+    with pytest.raises(UserError, match="not a nanogpt_lightning checkpoint; pass ckpt_path="):
+        read_checkpoint(foreign, key="ckpt_path")
+
+
+def test_a_run_directory_means_its_last_checkpoint_or_says_what_it_holds(tmp_path):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "best.ckpt").write_bytes(b"")
+    (checkpoints / ".last.ckpt.123.partial").write_bytes(b"")  # a save that never finished
+    with pytest.raises(UserError, match=f"no last.ckpt in {tmp_path / 'run'}/checkpoints or {tmp_path / 'run'}; "
+                                        f"it holds best.ckpt: pass ckpt_path={checkpoints / 'best.ckpt'}"):
+        resolve_checkpoint(tmp_path / "run", key="ckpt_path")
+    (checkpoints / "last.ckpt").write_bytes(b"")
+    assert resolve_checkpoint(tmp_path / "run", key="ckpt_path") == checkpoints / "last.ckpt"
+    with pytest.raises(UserError, match="does not exist; pass ckpt_path=FILE.ckpt"):
+        resolve_checkpoint(tmp_path / "missing.ckpt", key="ckpt_path")
+
+
+def saved(**record) -> dict:
+    return {CHECKPOINT_KEY: record}
+
+
+def test_a_resume_must_repeat_the_settings_that_shape_the_result(tmp_path):
+    settings = {"optimizer.lr": 1e-3, "trainer.max_steps": 100, "seed": 1}
+    checkpoint = saved(settings=settings)
+    check_same_settings(checkpoint, {**settings, "trainer.max_steps": 200}, tmp_path, ("trainer.max_steps",))
+    with pytest.raises(UserError, match=r"other settings: optimizer.lr=0.01 \(checkpoint: 0.001\), "
+                                        r"seed=2 \(checkpoint: 1\); resume with the checkpoint's settings"):
+        check_same_settings(checkpoint, {**settings, "optimizer.lr": 1e-2, "seed": 2}, tmp_path, ())
+    check_same_settings(saved(), {"seed": 2}, tmp_path, ())  # an older checkpoint recorded none
+
+
+def test_a_resume_must_train_on_the_checkpoints_data(tmp_path):
+    data = {"source": "/x/input.txt", "source_sha256": "a" * 64, "source_bytes": 10, "tokenizer": "char",
+            "val_fraction": 0.1, "tokens": {"train": 9, "val": 1}}
+    check_same_data(saved(data=data), dict(data), tmp_path)
+    other = {**data, "source": "/x/other.txt", "source_sha256": "b" * 64}
+    with pytest.raises(UserError, match=r"was trained on input.txt \(sha256 aaaaaaaaaaaa\.\.\., 10 bytes\), char "
+                                        r"tokenizer, 10% val, this run's data is other.txt .* allow_other_data=true"):
+        check_same_data(saved(data=data), other, tmp_path)
+    check_same_data(saved(), other, tmp_path)  # an older checkpoint recorded none
