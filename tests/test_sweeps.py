@@ -39,7 +39,8 @@ def test_a_failed_job_is_reported_and_the_other_jobs_run(tmp_path):
     # reported when it failed, and in the summary that ends the sweep
     reported = [line for line in lines if line.startswith(f"error: job 1 (model.n_head=3): {N_HEAD_ERROR}")]
     assert len(reported) == 1
-    assert lines[-2:] == [f"error: 1 of 3 jobs of the sweep {sweep} failed:", "  " + reported[0].removeprefix("error: ")]
+    summary = [f"error: 1 of 3 jobs of the sweep {sweep} failed:", "  " + reported[0].removeprefix("error: ")]
+    assert lines[-2:] == summary
     assert re.search(rf"run directory {sweep}/2\b", result.stdout)
 
 

@@ -4,8 +4,9 @@ A job runs wherever the launcher puts it (this process, a joblib worker, a SLURM
 what became of it into the sweep directory (`.jobs/<job number>.json`); `SweepReport.on_multirun_end`, in
 the main process after the sweeper (and after Optuna wrote its results), reads them back, prints the summary
 and picks the exit status. A failed job returns None, which the Optuna sweeper records as a failed trial, and
-the sweep goes on (not NaN: optuna 2.10 refuses to be told NaN, and the sweeper then dies telling it again). A job stopped by Ctrl+C or SIGTERM (saved by callbacks.GracefulInterrupt) also writes `.jobs/stop`:
-the jobs after it find it and do not start.
+the sweep goes on (not NaN: optuna 2.10 refuses to be told NaN, and the sweeper then dies telling it again).
+A job stopped by Ctrl+C or SIGTERM (saved by callbacks.GracefulInterrupt) also writes `.jobs/stop`: the jobs
+after it find it and do not start.
 """
 
 from __future__ import annotations
