@@ -85,7 +85,9 @@ def test_a_local_sweep_of_ddp_runs_is_refused(tmp_path):
                         cwd=tmp_path, check=False)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert re.search(r"^error: a sweep \(-m\) cannot run 2-process DDP runs", result.stderr, re.M)
+    for job, n_embd in ((0, 16), (1, 32)):  # each job refused in one line, named
+        assert re.search(rf"^error: job {job} \(model.n_embd={n_embd}\): a sweep \(-m\) cannot run 2-process DDP runs",
+                         result.stderr, re.M)
 
 
 def test_joblib_sweep_runs_jobs_in_parallel_processes(tmp_path):

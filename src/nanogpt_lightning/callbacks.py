@@ -229,11 +229,14 @@ class GracefulInterrupt(L.Callback):
         self.signum = None
         self._previous_handlers = {}
 
-    def on_train_start(self, trainer, pl_module):
-        self._last_step = trainer.global_step
+    def setup(self, trainer, pl_module, stage):
+        # from the start of fit: Lightning would otherwise take a Ctrl+C before the first iteration itself
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
+
+    def on_train_start(self, trainer, pl_module):
+        self._last_step = trainer.global_step
 
     def _request_stop(self, signum, frame):
         if self.signum is not None:
