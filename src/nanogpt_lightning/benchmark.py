@@ -308,12 +308,12 @@ def _silence_output() -> None:
 def _participant(name: str, index: int, overrides: list[str], output_dir: str, warmup: int, rounds: int,
                  steps: int, turns: Turns, results) -> None:
     """One participant's process: build it, take its turns, send back (name, times, peak memory, error)."""
-    _silence_output()
-    # the malloc settings belong to a process, and importing the package no longer makes them: each
-    # participant makes its own before it builds anything, unless its environment turns them off (`plain`);
-    # PyTorch's huge-page switch it inherits through the environment (torch has allocated by now)
-    tune_cpu_memory()
     try:
+        _silence_output()
+        # the malloc settings belong to a process, and importing the package does not make them: each
+        # participant makes its own before it builds anything, unless its environment turns them off
+        # (`plain`); PyTorch's huge-page switch it inherits through the environment (torch has allocated by now)
+        tune_cpu_memory()
         cfg = compose_train_config(overrides, output_dir)
         device = pick_device(cfg.trainer.accelerator, "trainer.accelerator")
         if name == "matmul":
