@@ -132,6 +132,7 @@ def test_device_setting_goes_through_the_shared_device_choice(runs, monkeypatch)
     info = io.StringIO()
     sample(str(runs["char"]), num_samples=1, max_new_tokens=2, device="auto", out=io.StringIO(), info=info)
     assert info.getvalue().splitlines()[0].endswith(" on cpu")
+    assert info.getvalue().splitlines()[1].startswith("trained on sonnets.txt (sha256 ")  # the data it learnt
     with pytest.raises(UserError) as err:
         quiet_sample(runs["char"], device="mps")
     assert str(err.value) == "device=mps is not available here; available: cpu (or device=auto)"
