@@ -11,9 +11,9 @@ quiet_ctrl_c()  # from here on: Ctrl+C during the seconds of imports below is on
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from nanogpt_lightning.config import register_resolvers  # noqa: E402
+from nanogpt_lightning.config import register_resolvers, validate_train_config  # noqa: E402
+from nanogpt_lightning.rundir import remove_run_dir_on_early_failure  # noqa: E402
 from nanogpt_lightning.sweeps import report_sweep_job  # noqa: E402
-from nanogpt_lightning.training import train  # noqa: E402
 
 register_resolvers()  # before hydra.main composes the config
 
@@ -21,7 +21,11 @@ register_resolvers()  # before hydra.main composes the config
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @exit_on_user_error
 @report_sweep_job
+@remove_run_dir_on_early_failure
 def main(cfg: DictConfig) -> float:
+    validate_train_config(cfg)  # a bad setting is refused before the seconds of loading PyTorch and Lightning
+    from nanogpt_lightning.training import train
+
     return train(cfg)
 
 

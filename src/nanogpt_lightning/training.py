@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
-import os
 import shlex
-import shutil
-import sys
 import warnings
 from pathlib import Path
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nanogpt_lightning.checkpoints import resume_path
-from nanogpt_lightning.config import validate_train_config
 from nanogpt_lightning.console import say
+from nanogpt_lightning.rundir import check_fresh_run_dir, is_first_process
 from nanogpt_lightning.devices import pick_device
 from nanogpt_lightning.errors import TrainingInterrupted, UserError
 from nanogpt_lightning.metrics import EVAL_LOSS_TAGS
@@ -95,98 +90,6 @@ def build_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
         raise UserError(f"trainer settings: {(str(cause).splitlines() or [''])[0]}") from None
 
 
-def _unwritable_reason(directory: Path) -> str | None:
-    """Why `directory` cannot be created or written, or None when it can."""
-    existing = directory
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is not a directory"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable"
-    return None
-
-
-def previous_run(run_dir: Path) -> str | None:
-    """What of an earlier training run `run_dir` holds (its checkpoints or curves), or None."""
-    for name in ("checkpoints", "tensorboard"):
-        if (run_dir / name).is_dir() and any((run_dir / name).iterdir()):
-            return f"{name}/"
-    return None
-
-
-def check_fresh_run_dir(run_dir: Path, ckpt_path: str | None, key: str) -> None:
-    """A run directory holds one run: a new run may not write into another's, only resume it in place."""
-    found = previous_run(run_dir)
-    if found is None:
-        return
-    if ckpt_path is not None and str(ckpt_path) != "latest":
-        resumed = Path(ckpt_path).expanduser().absolute()
-        if resumed == run_dir or run_dir in resumed.parents:
-            return  # resuming this run in place
-    raise UserError(f"{run_dir} already holds a run ({found}); resume it with ckpt_path={run_dir}, "
-                    f"or pass another {key}=DIR")
-
-
-def _is_first_process() -> bool:
-    """Not one of the other processes of a multi-process run (they share rank zero's run directory)."""
-    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
-
-
-class RunDirCheck(HydraCallback):
-    """Hydra callback, before Hydra writes into the run directory: refuse, in one line, a directory that
-    cannot be written, that holds another run, or in which another process is training now.
-
-    The first process of a run holds an exclusive lock on `<run dir>/.lock` until it ends. Whether the
-    directory was made for this run is remembered: a run that fails before its first iteration removes it.
-    """
-
-    created: Path | None = None  # the run directory, when this process made it
-    _lock = None  # the open lock file, held until the process ends
-
-    def _check_writable(self, key: str, directory: Path) -> None:
-        reason = _unwritable_reason(directory)
-        if reason is not None:
-            _exit_with_error(f"cannot write the run directory {directory} ({reason}); pass a writable {key}=DIR")
-
-    def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        run_dir = Path(config.hydra.run.dir).expanduser().absolute()
-        self._check_writable("hydra.run.dir", run_dir)
-        if not _is_first_process():
-            return
-        try:
-            check_fresh_run_dir(run_dir, config.get("ckpt_path"), "hydra.run.dir")
-        except UserError as err:
-            _exit_with_error(str(err))
-        if not run_dir.exists():
-            run_dir.mkdir(parents=True)
-            RunDirCheck.created = run_dir
-        RunDirCheck._lock = open(run_dir / ".lock", "w")
-        try:
-            fcntl.flock(RunDirCheck._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _exit_with_error(f"another process is training in {run_dir} now; wait for it to end, "
-                             "or pass another hydra.run.dir=DIR")
-
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self._check_writable("hydra.sweep.dir", Path(config.hydra.sweep.dir).expanduser().absolute())
-
-
-def _exit_with_error(message: str) -> None:
-    say(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
-def remove_unstarted_run_dir(trainer: L.Trainer | None) -> None:
-    """After a failure before the first iteration, remove the run directory this process made for it."""
-    run_dir = RunDirCheck.created
-    if run_dir is None or (trainer is not None and trainer.global_step > 0):
-        return
-    if HydraConfig.initialized() and Path(HydraConfig.get().runtime.output_dir).absolute() == run_dir:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        RunDirCheck.created = None
-
-
 def check_no_script_relaunch_in_sweep(trainer: L.Trainer) -> None:
     """Refuse a local sweep (-m) whose runs would have Lightning start their other processes itself.
 
@@ -229,30 +132,25 @@ def quiet_lightning(verbose: bool) -> None:
 
 
 def train(cfg: DictConfig) -> float:
-    """Train; return the last evaluated val loss (what a Hydra sweeper minimises)."""
-    trainer = None
+    """Train; return the last evaluated val loss (what a Hydra sweeper minimises).
+
+    `cfg` has been checked (config.validate_train_config, as scripts/train.py and compose_train_config do)."""
+    quiet_lightning(cfg.verbose)
+    if HydraConfig.get().mode == RunMode.MULTIRUN and is_first_process():
+        check_fresh_run_dir(Path(HydraConfig.get().runtime.output_dir).absolute(), cfg.ckpt_path, "hydra.sweep.dir")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    module = build_module(cfg, datamodule)
+    ckpt_path = resume_path(cfg.ckpt_path, module, cfg.trainer.max_steps, cfg.allow_other_data, RESUMABLE_CHANGES)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    trainer = build_trainer(cfg, callbacks=callbacks, logger=instantiate(cfg.logger))
+    check_no_script_relaunch_in_sweep(trainer)
     try:
-        validate_train_config(cfg)
-        quiet_lightning(cfg.verbose)
-        run_dir = Path(HydraConfig.get().runtime.output_dir).absolute()
-        if HydraConfig.get().mode == RunMode.MULTIRUN and _is_first_process():
-            check_fresh_run_dir(run_dir, cfg.ckpt_path, "hydra.sweep.dir")
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        datamodule = build_datamodule(cfg)
-        datamodule.prepare_data()
-        module = build_module(cfg, datamodule)
-        ckpt_path = resume_path(cfg.ckpt_path, module, cfg.trainer.max_steps, cfg.allow_other_data,
-                                RESUMABLE_CHANGES)
-        callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-        trainer = build_trainer(cfg, callbacks=callbacks, logger=instantiate(cfg.logger))
-        check_no_script_relaunch_in_sweep(trainer)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except TrainingInterrupted as stop:
-        if trainer is not None and trainer.is_global_zero:
+        if trainer.is_global_zero:
             print_resume_help(stop)
         raise  # the entry point decides the exit (a single run, or a sweep that must not go on)
-    except BaseException:
-        remove_unstarted_run_dir(trainer)
-        raise
     val_loss = trainer.callback_metrics.get(EVAL_LOSS_TAGS["val"])
     return float(val_loss) if val_loss is not None else math.nan

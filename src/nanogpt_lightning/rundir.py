@@ -1,0 +1,119 @@
+"""One run per run directory: refuse a directory that cannot be written, holds another run, or is in use.
+
+Light on purpose (no torch, no Lightning): Hydra runs RunDirCheck before the run's code is imported, so a
+refused directory costs a moment, not the seconds of loading PyTorch.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig
+
+from nanogpt_lightning.console import say
+from nanogpt_lightning.errors import UserError
+
+
+def _unwritable_reason(directory: Path) -> str | None:
+    """Why `directory` cannot be created or written, or None when it can."""
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def previous_run(run_dir: Path) -> str | None:
+    """What of an earlier training run `run_dir` holds (its checkpoints or curves), or None."""
+    for name in ("checkpoints", "tensorboard"):
+        if (run_dir / name).is_dir() and any((run_dir / name).iterdir()):
+            return f"{name}/"
+    return None
+
+
+def check_fresh_run_dir(run_dir: Path, ckpt_path: str | None, key: str) -> None:
+    """A run directory holds one run: a new run may not write into another's, only resume it in place."""
+    found = previous_run(run_dir)
+    if found is None:
+        return
+    if ckpt_path is not None and str(ckpt_path) != "latest":
+        resumed = Path(ckpt_path).expanduser().absolute()
+        if resumed == run_dir or run_dir in resumed.parents:
+            return  # resuming this run in place
+    raise UserError(f"{run_dir} already holds a run ({found}); resume it with ckpt_path={run_dir}, "
+                    f"or pass another {key}=DIR")
+
+
+def is_first_process() -> bool:
+    """Not one of the other processes of a multi-process run (they share rank zero's run directory)."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+class RunDirCheck(HydraCallback):
+    """Hydra callback, before Hydra writes into the run directory: refuse, in one line, a directory that
+    cannot be written, that holds another run, or in which another process is training now.
+
+    The first process of a run holds an exclusive lock on `<run dir>/.lock` until it ends. Whether the
+    directory was made for this run is remembered: a run that fails before its first iteration removes it.
+    """
+
+    created: Path | None = None  # the run directory, when this process made it
+    _lock = None  # the open lock file, held until the process ends
+
+    def _check_writable(self, key: str, directory: Path) -> None:
+        reason = _unwritable_reason(directory)
+        if reason is not None:
+            _exit_with_error(f"cannot write the run directory {directory} ({reason}); pass a writable {key}=DIR")
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        run_dir = Path(config.hydra.run.dir).expanduser().absolute()
+        self._check_writable("hydra.run.dir", run_dir)
+        if not is_first_process():
+            return
+        try:
+            check_fresh_run_dir(run_dir, config.get("ckpt_path"), "hydra.run.dir")
+        except UserError as err:
+            _exit_with_error(str(err))
+        if not run_dir.exists():
+            run_dir.mkdir(parents=True)
+            RunDirCheck.created = run_dir
+        RunDirCheck._lock = open(run_dir / ".lock", "w")
+        try:
+            fcntl.flock(RunDirCheck._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _exit_with_error(f"another process is training in {run_dir} now; wait for it to end, "
+                             "or pass another hydra.run.dir=DIR")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check_writable("hydra.sweep.dir", Path(config.hydra.sweep.dir).expanduser().absolute())
+
+
+def _exit_with_error(message: str) -> None:
+    say(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def remove_run_dir_on_early_failure(main):
+    """Decorate the task function: when it fails before the run wrote anything of its own (checkpoints,
+    curves), remove the run directory this process made for it, so a failed start leaves nothing behind."""
+
+    @functools.wraps(main)
+    def wrapper(cfg: DictConfig):
+        try:
+            return main(cfg)
+        except BaseException:
+            run_dir = RunDirCheck.created
+            if run_dir is not None and previous_run(run_dir) is None:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+
+    return wrapper
