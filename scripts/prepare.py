@@ -2,14 +2,19 @@
 
 import sys
 
-from nanogpt_lightning.config import compose_train_config
-from nanogpt_lightning.errors import exit_on_user_error
-from nanogpt_lightning.training import build_datamodule
+from nanogpt_lightning.errors import exit_on_user_error, quiet_ctrl_c
+
+quiet_ctrl_c("stopped by Ctrl+C; no prepared data was changed")  # a preparation is all or nothing (data.py)
+
+from nanogpt_lightning.config import compose_train_config  # noqa: E402
 
 
 @exit_on_user_error
 def main(overrides: list[str]) -> None:
-    build_datamodule(compose_train_config(overrides)).prepare_data(force=True)
+    cfg = compose_train_config(overrides)  # checked before the seconds of loading PyTorch and Lightning
+    from nanogpt_lightning.training import build_datamodule
+
+    build_datamodule(cfg).prepare_data(force=True)
 
 
 if __name__ == "__main__":

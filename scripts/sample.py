@@ -5,13 +5,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from nanogpt_lightning.config import validate_sample_config
 from nanogpt_lightning.errors import exit_on_user_error
-from nanogpt_lightning.sampling import sample
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    validate_sample_config(cfg)
+    validate_sample_config(cfg)  # a bad setting is refused before the seconds of loading PyTorch
+    from nanogpt_lightning.sampling import sample
+
     sample(**OmegaConf.to_container(cfg))
 
 

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# the tests run two at a time (pytest-xdist) and often two scripts each: one thread per process keeps the
+# cores from being oversubscribed (idle OpenMP threads spin), and the tiny models gain nothing from more
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 SONNETS = ROOT / "tests" / "data" / "sonnets.txt"
 TINY_SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"

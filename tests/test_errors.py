@@ -39,14 +39,6 @@ def write(path: Path, content: bytes) -> Path:
 CASES = {
     "missing input file": (lambda d: [f"data.input_file={d / 'nope.txt'}"],
                            "data.input_file '{d}/nope.txt' does not exist or is not a file; pass a UTF-8 text file"),
-    "empty input file": (lambda d: [f"data.input_file={write(d / 'empty.txt', b'')}"],
-                         "data.input_file '{d}/empty.txt' is empty; pass a file with some text in it"),
-    "text shorter than a block": (
-        lambda d: [f"data.input_file={write(d / 'short.txt', b'From fairest creatures we desire')}"],
-        "the val split has 4 tokens, not more than data.block_size=16; use a longer text or a smaller data.block_size"),
-    "no bins and no network": (
-        lambda d: ["data.input_file=null", "data.url=http://127.0.0.1:9/input.txt", f"data.data_dir={d / 'new_data'}"],
-        "could not download http://127.0.0.1:9/input.txt"),
     "unknown config group option": (lambda d: ["model=gpt5"], None),
     "n_embd not divisible by n_head": (lambda d: ["model.n_embd=30", "model.n_head=4"],
                                        "model.n_embd (30) must be divisible by model.n_head (4)"),

@@ -41,12 +41,3 @@ def test_prepare_script_writes_the_datas_own_directory_and_rebuilds_it_whole(tmp
     assert result.stdout.splitlines()[0] == (
         f"prepared data in {directory} is damaged (val.bin has 10 bytes, meta.json says 306 tokens); rebuilding it")
     assert files(data_dir) == written  # the same directory, whole again, and nothing beside it
-
-
-def test_prepare_script_refuses_a_missing_text_in_one_line(tmp_path):
-    result = run_script("prepare.py", "data=text", f"data.input_file={tmp_path / 'nope.txt'}",
-                        f"data.data_dir={tmp_path / 'data'}", cwd=tmp_path, check=False)
-    assert result.returncode == 1
-    assert result.stderr.splitlines() == [f"error: data.input_file '{tmp_path / 'nope.txt'}' does not exist or is "
-                                          "not a file; pass a UTF-8 text file"]
-    assert not (tmp_path / "data").exists()

@@ -6,6 +6,8 @@ import signal
 import sys
 from pathlib import Path
 
+from nanogpt_lightning.console import say
+
 
 class UserError(Exception):
     """A problem the user can fix; the message says how."""
@@ -29,7 +31,7 @@ def exit_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
+            say(f"error: {err}", file=sys.stderr)  # also into the run's train.log
             sys.exit(1)
         except TrainingInterrupted as stop:  # the state is saved; SIGTERM tells a scheduler the job did not finish
             sys.exit(0 if stop.signum == signal.SIGINT else 128 + stop.signum)
@@ -37,8 +39,9 @@ def exit_on_user_error(main):
     return wrapper
 
 
-def quiet_ctrl_c() -> None:
-    """Ctrl+C before training starts (imports, Hydra's start-up): one line and exit 130, no traceback.
+def quiet_ctrl_c(message: str = "stopped by Ctrl+C before training began; nothing saved") -> None:
+    """Ctrl+C outside training (imports, Hydra's start-up, data preparation): `message` and exit 130, no
+    traceback.
 
     During training callbacks.GracefulInterrupt handles it instead; a sweep's job records it (sweeps.py).
     """
@@ -47,7 +50,7 @@ def quiet_ctrl_c() -> None:
     def hook(kind, value, tb):
         if not issubclass(kind, KeyboardInterrupt):
             return previous(kind, value, tb)
-        print("\nstopped by Ctrl+C before training began; nothing saved", file=sys.stderr, flush=True)
+        print(f"\n{message}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(130)  # after an uncaught KeyboardInterrupt Python would end by the signal, not with a status
 
