@@ -28,9 +28,10 @@ ITER_LINE = re.compile(r"^iter (\d+): loss (\d+\.\d{4}), time (\d+\.\d{2})ms$", 
 STEP_LINE = re.compile(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4})$", re.M)
 
 
-def run_script(script: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def run_script(script: str, *args: str, cwd: Path, check: bool = True,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run scripts/<script> as a user would; no network-dependent cache is shared with the user's."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": str(cwd / "cache")}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": str(cwd / "cache"), **(env or {})}
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=300)
     if check and result.returncode != 0:

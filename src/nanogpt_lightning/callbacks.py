@@ -229,13 +229,19 @@ class GracefulInterrupt(L.Callback):
         self.signum = None
         self._previous_handlers = {}
 
+    def _install_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.signal(signum, self._request_stop)
+            self._previous_handlers.setdefault(signum, previous)
+
     def setup(self, trainer, pl_module, stage):
-        # from the start of fit: Lightning would otherwise take a Ctrl+C before the first iteration itself
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
+        self._install_handlers()  # from the start of fit: Lightning would take a Ctrl+C before training itself
 
     def on_train_start(self, trainer, pl_module):
+        # again: when fit starts, Lightning puts its own SIGTERM handler in front (it ends fit quietly)
+        self._install_handlers()
         self._last_step = trainer.global_step
 
     def _request_stop(self, signum, frame):

@@ -122,13 +122,16 @@ def print_resume_help(stop: TrainingInterrupted) -> None:
 
 
 def quiet_lightning(verbose: bool) -> None:
-    """Lightning's start-up lines (devices, tips, "max_steps reached") and a deprecation warning torch
-    raises inside Lightning tell our users nothing they can act on; `verbose=true` keeps them."""
+    """Lightning's start-up lines (devices, tips, "max_steps reached"), a deprecation warning torch raises
+    inside Lightning and a warning about resuming in place tell our users nothing they can act on;
+    `verbose=true` keeps them."""
     if verbose:
         return
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # a run resumed in place writes into its own checkpoints/; another run's are refused (rundir.py)
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def train(cfg: DictConfig) -> float:
