@@ -1,14 +1,17 @@
 """Ctrl+C and SIGTERM, exact resume (training and evaluation) and atomic checkpoints, through the real scripts."""
 
+import errno
 import os
 import signal
 import subprocess
 import sys
 
 import lightning as L
+import pytest
 import torch
 
 from nanogpt_lightning.callbacks import AtomicCheckpointIO, GracefulInterrupt
+from nanogpt_lightning.errors import UserError
 
 from conftest import ITER_LINE, ROOT, STEP_LINE, TINY_RUN, run_script
 
@@ -122,3 +125,21 @@ def test_a_kill_in_the_middle_of_a_save_leaves_the_previous_checkpoint_and_the_n
     ours.write_bytes(b"")
     AtomicCheckpointIO.remove_stale_partial_files(tmp_path)
     assert not partial.exists() and ours.exists()
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1}, path)
+
+    def disk_full(obj, f):
+        f.write(b"part of a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UserError) as err:
+        io.save_checkpoint({"step": 2}, path)
+    assert str(err.value) == (f"cannot write the checkpoint {path} (No space left on device); the previous last.ckpt "
+                              "is whole; free some space or make the directory writable, then resume")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no partial file left
+    assert torch.load(path, weights_only=True) == {"step": 1}

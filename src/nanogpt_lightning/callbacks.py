@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from nanogpt_lightning.console import say
 from nanogpt_lightning.data import describe_data
-from nanogpt_lightning.errors import TrainingInterrupted
+from nanogpt_lightning.errors import TrainingInterrupted, UserError
 from nanogpt_lightning.metrics import EVAL_LOSS_TAGS, ITER_LOSS_TAG
 
 FINAL_LOSS_TAGS = {split: f"hp/final_{split}_loss" for split in EVAL_LOSS_TAGS}  # HPARAMS' metric columns
@@ -290,6 +290,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, path)
+        except OSError as err:  # a full disk, a quota, a directory made read-only
+            kept = f"; the previous {path.name} is whole" if path.exists() else ""
+            raise UserError(f"cannot write the checkpoint {path} ({err.strerror or err}){kept}; free some space "
+                            "or make the directory writable, then resume") from None
         finally:
             partial.unlink(missing_ok=True)
             self._writing.discard(partial)
