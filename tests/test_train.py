@@ -2,6 +2,13 @@
 
 import fcntl
 import math
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
 
 import lightning as L
 import pytest
@@ -59,6 +66,36 @@ def test_start_up_is_one_summary_line_and_the_run_log_records_the_lines(first_ru
         assert noise not in result.stdout + result.stderr
     log = (run / "train.log").read_text()
     assert log.splitlines() == [line for line in lines if line]  # the run's own lines, as printed
+
+
+def test_on_a_terminal_the_bar_shows_and_every_line_is_printed_above_it(tmp_path):
+    parent, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 rows of 120 columns
+    command = [sys.executable, str(ROOT / "scripts" / "train.py"), *TINY_RUN, f"data.data_dir={tmp_path / 'data'}",
+               f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_steps=6", "eval_interval=3"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=child, stderr=child, env={
+        **os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    os.close(child)
+    output = b""
+    while chunk := _read(parent):
+        output += chunk
+    os.close(parent)
+    assert process.wait(timeout=120) == 0
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", output.decode())  # without the cursor movements
+    assert re.search(r"\| 6/6 \[", text)  # the bar, with its total and ETA
+    shown = [line.strip() for line in text.splitlines()]  # splits at \r too: each frame of the bar
+    recorded = (tmp_path / "run" / "train.log").read_text().splitlines()
+    ours = ("data:", "iter ", "step ")  # the run's lines, printed above the bar, none lost
+    assert [line for line in shown if line.startswith(ours)] == [line for line in recorded if line.startswith(ours)]
+    assert len([line for line in recorded if line.startswith("iter ")]) == 6
+    assert any("parameters, " in line for line in shown)
+
+
+def _read(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO: the child side is closed
+        return b""
 
 
 def test_run_dir_holds_config_tensorboard_curves_and_checkpoints(first_run):

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from tqdm import tqdm
 
 from nanogpt_lightning.console import say
 from nanogpt_lightning.data import describe_data
@@ -34,7 +35,8 @@ def print_line(trainer: L.Trainer, line: str) -> None:
     if not trainer.is_global_zero:
         return
     bar = trainer.progress_bar_callback
-    say(line, write=bar.print if bar is not None and bar.is_enabled else None)
+    # tqdm.write: above the bars, and printed also when none is open yet (Lightning's bar.print drops it then)
+    say(line, write=tqdm.write if bar is not None and bar.is_enabled else None)
 
 
 class IterationLogger(L.Callback):
