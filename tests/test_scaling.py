@@ -92,9 +92,9 @@ def test_a_local_sweep_of_ddp_runs_is_refused(tmp_path):
 
 def test_joblib_sweep_runs_jobs_in_parallel_processes(tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_script("train.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY_RUN,
-                        f"data.data_dir={tmp_path / 'data'}", "model.n_embd=16,32", "trainer.max_steps=4",
-                        "eval_interval=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    run_script("train.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY_RUN,
+               f"data.data_dir={tmp_path / 'data'}", "model.n_embd=16,32", "trainer.max_steps=4",
+               "eval_interval=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert runs == ["0", "1"]
     for run, n_embd in zip(runs, (16, 32)):
