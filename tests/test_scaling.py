@@ -13,6 +13,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ITER_LINE, SONNETS, STEP_LINE, TINY_RUN, run_script
+from nanogpt_lightning import training
 from nanogpt_lightning.data import TextDataModule
 
 
@@ -88,6 +89,15 @@ def test_a_local_sweep_of_ddp_runs_is_refused(tmp_path):
     for job, n_embd in ((0, 16), (1, 32)):  # each job refused in one line, named
         assert re.search(rf"^error: job {job} \(model.n_embd={n_embd}\): a sweep \(-m\) cannot run 2-process DDP runs",
                          result.stderr, re.M)
+
+
+def test_without_lightnings_private_launcher_class_the_sweep_check_steps_aside(monkeypatch):
+    """The check reads a class private to Lightning; if a release renames it, training must still run."""
+    strategy = SimpleNamespace(launcher=object(), num_processes=2,
+                               cluster_environment=SimpleNamespace(creates_processes_externally=False))
+    trainer = SimpleNamespace(strategy=strategy, world_size=2)
+    monkeypatch.setattr(training, "_SubprocessScriptLauncher", None)
+    training.check_no_script_relaunch_in_sweep(trainer)  # neither a TypeError nor a refusal
 
 
 def test_joblib_sweep_runs_jobs_in_parallel_processes(tmp_path):
