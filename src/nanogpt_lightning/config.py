@@ -221,6 +221,16 @@ SAMPLE_RULES: dict[str, Rule] = {
     "device": choice("auto", "cpu", "mps", "cuda"),
 }
 
+EVAL_RULES: dict[str, Rule] = {
+    "ckpt": text("latest"),
+    "split": one_of(choice("val", "train"), nullable=True),
+    "text": text("FILE", nullable=True),
+    "data_dir": text("DIR"),
+    "format": choice("text", "json"),
+    "device": choice("auto", "cpu", "mps", "cuda"),
+    "batch_size": integer(1, unit="windows"),
+}
+
 
 def _shown(value: Any) -> str:
     """A value as it would be typed on the command line."""
@@ -297,3 +307,10 @@ def validate_train_config(cfg: DictConfig) -> None:
 def validate_sample_config(cfg: DictConfig) -> None:
     """Refuse the first bad setting of a sampling config (conf/sample.yaml)."""
     _check(cfg, SAMPLE_RULES)
+
+
+def validate_eval_config(cfg: DictConfig) -> None:
+    """Refuse the first bad setting of an evaluation config (conf/eval.yaml), or a split and a text together."""
+    values = _check(cfg, EVAL_RULES)
+    if values.get("split") is not None and values.get("text") is not None:
+        raise UserError(f"split={values['split']} and text={values['text']} both name what to evaluate; pass one")
