@@ -178,8 +178,8 @@ def evaluate(ckpt: str = "latest", split: str | None = None, text: str | None = 
             f"evaluating {path} (step {report['step']}) on {torch_device}",
             f"trained on {report['trained_on'] or 'data not recorded (an older checkpoint)'}",
             f"evaluated: {evaluated}, {report['windows']}",
-            f"loss {result.loss:.4f} nats per token, perplexity {result.perplexity:.3f}, "
-            f"bits per byte {result.bits_per_byte:.4f}",
+            (f"loss {result.loss:.4f} nats per token, perplexity {result.perplexity:.3f}, "
+             f"bits per byte {result.bits_per_byte:.4f}"),
             f"{result.tokens:,} tokens predicted, {result.bytes:,} bytes, in {result.seconds:.2f}s",
         ]), file=out)
     return report
