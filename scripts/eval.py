@@ -1,4 +1,4 @@
-"""Loss, perplexity and bits per byte of a checkpoint: `python scripts/eval.py ckpt=PATH [split=val|train] [text=FILE] ...`."""
+"""Loss, perplexity and bits per byte of a checkpoint: `python scripts/eval.py ckpt=PATH [split=...] [text=FILE]`."""
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
