@@ -24,7 +24,8 @@ class TrainingInterrupted(Exception):
 
 
 def exit_on_user_error(main):
-    """Decorate an entry point: a UserError prints `error: <message>` and exits with status 1."""
+    """Decorate an entry point: a UserError prints `error: <message>` and exits with status 1; a closed
+    output pipe ends it quietly; a stopped training run exits as its signal asks."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -35,6 +36,9 @@ def exit_on_user_error(main):
             sys.exit(1)
         except TrainingInterrupted as stop:  # the state is saved; SIGTERM tells a scheduler the job did not finish
             sys.exit(0 if stop.signum == signal.SIGINT else 128 + stop.signum)
+        except BrokenPipeError:  # the reader left (`sample.py | head`): stop quietly, as other tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
+            sys.exit(1)
 
     return wrapper
 
