@@ -126,8 +126,10 @@ def test_ctrl_c_stops_the_job_in_hand_and_the_sweep(tmp_path):
 
 def test_ctrl_c_before_training_began_is_one_line(tmp_path):
     """During the imports, seconds before Hydra or training start."""
+    # a test worker may ignore SIGINT, and a child would inherit that: Python then raises no KeyboardInterrupt
     process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *TINY_RUN,
-                                f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+                                f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(1.0)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
