@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from nanogpt_lightning.checkpoints import (CHECKPOINT_KEY, check_same_data, check_same_settings, read_checkpoint,
-                                           resolve_checkpoint)
+from nanogpt_lightning.checkpoints import (CHECKPOINT_KEY, check_resumable, check_same_data, check_same_settings,
+                                           read_checkpoint, resolve_checkpoint)
+from nanogpt_lightning.model import GPTConfig
 from nanogpt_lightning.errors import UserError
 
 from conftest import SONNETS
@@ -56,3 +57,22 @@ def test_a_resume_must_train_on_the_checkpoints_data(tmp_path):
                                         r"tokenizer, 10% val, this run's data is other.txt .* allow_other_data=true"):
         check_same_data(saved(data=data), other, tmp_path)
     check_same_data(saved(), other, tmp_path)  # an older checkpoint recorded none
+
+
+def test_a_resume_must_repeat_the_model_shapes_and_the_block_size(tmp_path):
+    checkpoint = saved(model_config=vars(GPTConfig(block_size=16, vocab_size=38, n_layer=1, n_head=2, n_embd=32)),
+                       tokenizer={"kind": "char", "chars": "x", "vocab_size": 38})
+    tokenizer = checkpoint[CHECKPOINT_KEY]["tokenizer"]
+    check_resumable(checkpoint, GPTConfig(block_size=16, vocab_size=38, n_layer=1, n_head=2, n_embd=32), tokenizer,
+                    tmp_path)
+    with pytest.raises(UserError, match=r"trained with model.n_layer=1, model.n_embd=32 \(this run has 2, 64\); "
+                                        "resume with the same model.\* settings"):
+        check_resumable(checkpoint, GPTConfig(block_size=16, vocab_size=38, n_layer=2, n_head=2, n_embd=64),
+                        tokenizer, tmp_path)
+    with pytest.raises(UserError, match=r"data.block_size=32 is larger than the checkpoint's block size 16 .*"
+                                        r"resume with data.block_size=16"):
+        check_resumable(checkpoint, GPTConfig(block_size=32, vocab_size=38, n_layer=1, n_head=2, n_embd=32),
+                        tokenizer, tmp_path)
+    with pytest.raises(UserError, match="vocabulary of 38 tokens, the data here has a char vocabulary of 40"):
+        check_resumable(checkpoint, GPTConfig(block_size=16, vocab_size=40, n_layer=1, n_head=2, n_embd=32),
+                        tokenizer, tmp_path)

@@ -42,6 +42,10 @@ def test_a_failed_job_is_reported_and_the_other_jobs_run(tmp_path):
     summary = [f"error: 1 of 3 jobs of the sweep {sweep} failed:", "  " + reported[0].removeprefix("error: ")]
     assert lines[-2:] == summary
     assert re.search(rf"run directory {sweep}/2\b", result.stdout)
+    for job in ("0", "2"):  # one directory per job, side by side in TensorBoard, each with its own log
+        assert list((sweep / job / "tensorboard").glob("events.out.tfevents.*"))
+        assert len(re.findall(r"^step \d+: ", (sweep / job / "train.log").read_text(), re.M)) == 2
+    assert "model.n_head (3)" in (sweep / "1" / "train.log").read_text()  # the failed job's record
 
 
 BUG = """

@@ -1,7 +1,6 @@
 """End to end: scripts/train.py on a small real text, as a user runs it."""
 
 import fcntl
-import math
 import os
 import pty
 import re
@@ -184,24 +183,3 @@ def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: another process is training in {run} now; wait for it to end, or pass another hydra.run.dir=DIR")
     assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written
-
-
-def test_bpe_training_runs(tmp_path):
-    result = run_script("train.py", *TINY_RUN, "data.tokenizer=gpt2", f"data.data_dir={tmp_path / 'bpe'}",
-                        "trainer.max_steps=4", "eval_interval=2", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert [int(n) for n, _, _ in ITER_LINE.findall(result.stdout)] == [1, 2, 3, 4]
-    assert all(math.isfinite(float(v)) for _, _, v in STEP_LINE.findall(result.stdout))
-
-
-def test_two_run_sweep_writes_one_directory_per_run(tmp_path):
-    sweep = tmp_path / "sweep"
-    result = run_script("train.py", "-m", *TINY_RUN, f"data.data_dir={tmp_path / 'data'}",
-                        "model.n_embd=16,32", "trainer.max_steps=4", "eval_interval=2",
-                        f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert runs == ["0", "1"]
-    for run in runs:
-        assert list((sweep / run / "tensorboard").glob("events.out.tfevents.*"))
-        assert (sweep / run / "checkpoints" / "last.ckpt").exists()
-        assert len(STEP_LINE.findall((sweep / run / "train.log").read_text())) == 2
-    assert len(STEP_LINE.findall(result.stdout)) == 4
