@@ -66,7 +66,7 @@ def test_a_resume_must_repeat_the_model_shapes_and_the_block_size(tmp_path):
     check_resumable(checkpoint, GPTConfig(block_size=16, vocab_size=38, n_layer=1, n_head=2, n_embd=32), tokenizer,
                     tmp_path)
     with pytest.raises(UserError, match=r"trained with model.n_layer=1, model.n_embd=32 \(this run has 2, 64\); "
-                                        "resume with the same model.\* settings"):
+                                        r"resume with the same model.\* settings"):
         check_resumable(checkpoint, GPTConfig(block_size=16, vocab_size=38, n_layer=2, n_head=2, n_embd=64),
                         tokenizer, tmp_path)
     with pytest.raises(UserError, match=r"data.block_size=32 is larger than the checkpoint's block size 16 .*"
