@@ -127,19 +127,21 @@ class RunSummary(L.Callback):
     """What a run is, for the user and for TensorBoard.
 
     At the start: the data it trains on, and one line with the model size, tokens per iteration, device and
-    run directory; and the
-    HPARAMS row of the settings that shape the result (`pl_module.run_settings`), written while the logger
-    is open. When training ends, whatever ends it: the final evaluation losses in that row's columns.
+    run directory; and the HPARAMS row of the settings that shape the result (`pl_module.run_settings`),
+    written while the logger is open. When training ends, whatever ends it: the final evaluation losses in
+    that row's columns.
     """
 
     def on_train_start(self, trainer, pl_module):
         data = trainer.datamodule
         tokens = data.batch_size * data.block_size * trainer.accumulate_grad_batches * trainer.world_size
         print_line(trainer, f"data: {describe_data(data.identity)} in {data.prepared_dir}")
-        print_line(trainer, f"{pl_module.model.num_params(non_embedding=False):,} parameters, {tokens:,} tokens per iteration, "
+        n_params = pl_module.model.num_params(non_embedding=False)
+        print_line(trainer, f"{n_params:,} parameters, {tokens:,} tokens per iteration, "
                             f"{pl_module.device.type} x {trainer.world_size}, run directory {trainer.default_root_dir}")
+        no_losses_yet = {tag: math.nan for tag in FINAL_LOSS_TAGS.values()}
         for logger in trainer.loggers:
-            logger.log_hyperparams(pl_module.run_settings, metrics={tag: math.nan for tag in FINAL_LOSS_TAGS.values()})
+            logger.log_hyperparams(pl_module.run_settings, metrics=no_losses_yet)
 
     def on_train_end(self, trainer, pl_module):
         self._log_final_losses(trainer)

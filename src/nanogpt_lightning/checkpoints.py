@@ -89,6 +89,12 @@ def check_resumable(checkpoint: dict, model_config: GPTConfig, tokenizer: dict, 
             "resume with the same data.* settings (text and tokenizer) or start a new run")
 
 
+def trained_on(checkpoint: dict) -> str:
+    """The data a checkpoint was trained on, for messages (checkpoints from before the record have none)."""
+    data = checkpoint[CHECKPOINT_KEY].get("data")
+    return describe_data(data) if data else "data not recorded (an older checkpoint)"
+
+
 def check_same_data(checkpoint: dict, data: dict, path: Path) -> None:
     """Refuse to resume on data other than the checkpoint's (checkpoints that predate the record pass)."""
     saved = checkpoint[CHECKPOINT_KEY].get("data")

@@ -272,6 +272,23 @@ def prepare_dataset(input_file: Path, data_dir: Path, tokenizer: str, val_fracti
     return prepare(Path(data_dir), source, lambda: data, tokenizer, val_fraction, block_size)
 
 
+def identity_of(meta: dict) -> dict:
+    """What prepared data is (source, its hash and size, tokenizer kind, val fraction, tokens), from its
+    meta.json, JSON-able: stored in checkpoints, so a resumed run, a sample or an evaluation can tell which
+    data a model learned."""
+    return {**{key: meta[key] for key in IDENTITY_KEYS}, "tokenizer": meta["tokenizer"]["kind"]}
+
+
+def prepare_command(source: str, tokenizer: str, val_fraction: float, data_dir: Path | str | None = None) -> str:
+    """The scripts/prepare.py command line that prepares the text at `source` (a path or a URL), for messages.
+
+    Without `data_dir` the command names the `text` data group, whose own data_dir it then uses."""
+    given = ["data.input_file=null", f"data.url={source}"] if "://" in source else [f"data.input_file={source}"]
+    overrides = [*given, f"data.tokenizer={tokenizer}", f"data.val_fraction={val_fraction}"]
+    overrides = ["data=text", *overrides] if data_dir is None else [*overrides, f"data.data_dir={data_dir}"]
+    return "python scripts/prepare.py " + " ".join(map(shlex.quote, overrides))
+
+
 def describe_data(identity: dict) -> str:
     """One line naming the data, e.g. `input.txt (sha256 3c1f7a2b9c4d..., 1,115,394 bytes), char tokenizer, 10% val`."""
     source = identity["source"]
@@ -400,11 +417,8 @@ class TextDataModule(L.LightningDataModule):
 
     def prepare_command(self) -> str:
         """The scripts/prepare.py command line that prepares this module's data, for messages."""
-        source = ([f"data.input_file={self.input_file}"] if self.input_file is not None
-                  else ["data.input_file=null", f"data.url={self.url}"])
-        overrides = [*source, f"data.tokenizer={self.tokenizer}", f"data.val_fraction={self.val_fraction}",
-                     f"data.data_dir={self.data_dir}"]
-        return "python scripts/prepare.py " + " ".join(map(shlex.quote, overrides))
+        source = str(self.input_file) if self.input_file is not None else self.url
+        return prepare_command(source, self.tokenizer, self.val_fraction, self.data_dir)
 
     def _checked_dir(self) -> Path:
         """`prepared_dir`, refused in one line unless whole; checked once, its meta.json then kept."""
@@ -432,10 +446,8 @@ class TextDataModule(L.LightningDataModule):
 
     @property
     def identity(self) -> dict:
-        """What the data is (source, its hash and size, tokenizer kind, val fraction, tokens), JSON-able:
-        stored in checkpoints, so a resumed run or a sample can tell which data a model learned."""
-        meta = self.meta
-        return {**{key: meta[key] for key in IDENTITY_KEYS}, "tokenizer": meta["tokenizer"]["kind"]}
+        """What the data in use is (identity_of its meta.json)."""
+        return identity_of(self.meta)
 
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:

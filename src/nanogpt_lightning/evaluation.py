@@ -22,8 +22,8 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from nanogpt_lightning.checkpoints import CHECKPOINT_KEY
-from nanogpt_lightning.data import IDENTITY_KEYS, TOKEN_DTYPE, Source, damage, describe_data
+from nanogpt_lightning.checkpoints import CHECKPOINT_KEY, trained_on
+from nanogpt_lightning.data import TOKEN_DTYPE, Source, damage, describe_data, identity_of, prepare_command
 from nanogpt_lightning.devices import pick_device
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model import GPT
@@ -109,29 +109,18 @@ def text_tokens(path: str, tokenizer: Tokenizer) -> np.ndarray:
     return np.array(ids, dtype=np.int64)
 
 
-def _identity(meta: dict) -> dict:
-    """What a meta.json says its data is, in the form checkpoints record it (TextDataModule.identity)."""
-    return {**{key: meta[key] for key in IDENTITY_KEYS}, "tokenizer": meta["tokenizer"]["kind"]}
-
-
-def _prepare_command(data: dict) -> str:
-    source = data["source"]
-    given = f"data.input_file=null data.url={source}" if "://" in source else f"data.input_file={source}"
-    return (f"python scripts/prepare.py data=text {given} data.tokenizer={data['tokenizer']} "
-            f"data.val_fraction={data['val_fraction']}")
-
-
 def find_prepared(data_dir: str, data: dict, ckpt: Path) -> Path:
     """The prepared directory of the data `data` (a checkpoint's record): `data_dir` itself, or one or two
     levels below it (`data/shakespeare_char/char-...` from `data`); refused unless it is there and whole."""
     root = Path(data_dir).expanduser()
+    made_from = (data["source"], data["tokenizer"], data["val_fraction"])  # what prepare_command needs
     if not root.is_dir():
         raise UserError(f"data_dir {root} is not a directory; pass data_dir= the data.data_dir of the training run")
     for directory in [root, *sorted(root.glob("*")), *sorted(root.glob("*/*"))]:
         if directory.name.startswith(".") or not (directory / "meta.json").is_file():
             continue  # a preparation under way, or no prepared data
         try:
-            if _identity(json.loads((directory / "meta.json").read_text())) != data:
+            if identity_of(json.loads((directory / "meta.json").read_text())) != data:
                 continue
         except (OSError, ValueError, KeyError, TypeError):
             continue  # unreadable or incomplete: not data we can match
@@ -139,11 +128,11 @@ def find_prepared(data_dir: str, data: dict, ckpt: Path) -> Path:
                        data["val_fraction"])
         if wrong is not None:
             raise UserError(f"prepared data in {directory} is damaged ({wrong}); rebuild it with "
-                            f"{_prepare_command(data)} data.data_dir={directory.parent}")
+                            f"{prepare_command(*made_from, directory.parent)}")
         return directory
     raise UserError(f"no prepared data under {root} is the data checkpoint {ckpt} was trained on "
                     f"({describe_data(data)}); pass data_dir= the directory it was prepared in, "
-                    f"or prepare it with {_prepare_command(data)}")
+                    f"or prepare it with {prepare_command(*made_from)}")
 
 
 def evaluate(ckpt: str = "latest", split: str | None = None, text: str | None = None, data_dir: str = "data",
@@ -176,7 +165,7 @@ def evaluate(ckpt: str = "latest", split: str | None = None, text: str | None = 
     else:
         print("\n".join([
             f"evaluating {path} (step {report['step']}) on {torch_device}",
-            f"trained on {report['trained_on'] or 'data not recorded (an older checkpoint)'}",
+            f"trained on {trained_on(checkpoint)}",
             f"evaluated: {evaluated}, {report['windows']}",
             (f"loss {result.loss:.4f} nats per token, perplexity {result.perplexity:.3f}, "
              f"bits per byte {result.bits_per_byte:.4f}"),

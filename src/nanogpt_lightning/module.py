@@ -17,7 +17,6 @@ from nanogpt_lightning.metrics import EVAL_LOSS_TAGS, SPLITS
 from nanogpt_lightning.model import GPT, GPTConfig
 
 
-
 class WarmupCosineLR(LambdaLR):
     """nanoGPT's schedule: linear warmup, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
 

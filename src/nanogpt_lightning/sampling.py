@@ -14,8 +14,7 @@ from typing import TextIO
 import torch
 from torch.nn import functional as F
 
-from nanogpt_lightning.checkpoints import CHECKPOINT_KEY, read_checkpoint, resolve_checkpoint
-from nanogpt_lightning.data import describe_data
+from nanogpt_lightning.checkpoints import CHECKPOINT_KEY, read_checkpoint, resolve_checkpoint, trained_on
 from nanogpt_lightning.devices import pick_device
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model import GPT, GPTConfig
@@ -138,8 +137,7 @@ def sample(ckpt: str, prompt: str = "\n", num_samples: int = 10, max_new_tokens:
     model, tokenizer, checkpoint = load_checkpoint(path, torch_device)
     prompt_ids = encode_prompt(tokenizer, text)
     print(f"sampling from {path} (step {checkpoint.get('global_step', '?')}) on {torch_device}", file=info)
-    data = checkpoint[CHECKPOINT_KEY].get("data")
-    print(f"trained on {describe_data(data) if data else 'data not recorded (an older checkpoint)'}", file=info)
+    print(f"trained on {trained_on(checkpoint)}", file=info)
 
     torch.manual_seed(seed)
     samples = []

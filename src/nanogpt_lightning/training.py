@@ -18,11 +18,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nanogpt_lightning.checkpoints import resume_path
 from nanogpt_lightning.console import say
-from nanogpt_lightning.rundir import check_fresh_run_dir, is_first_process
 from nanogpt_lightning.devices import pick_device
 from nanogpt_lightning.errors import TrainingInterrupted, UserError
 from nanogpt_lightning.metrics import EVAL_LOSS_TAGS
 from nanogpt_lightning.module import GPTModule
+from nanogpt_lightning.rundir import check_fresh_run_dir, is_first_process
 
 try:  # private to Lightning: see check_no_script_relaunch_in_sweep
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
