@@ -2,7 +2,7 @@
 
 import sys
 
-from nanogpt_lightning.errors import exit_on_user_error, quiet_ctrl_c
+from nanogpt_lightning.errors import ctrl_c_held, exit_on_user_error, quiet_ctrl_c
 
 quiet_ctrl_c("stopped by Ctrl+C; no prepared data was changed")  # a preparation is all or nothing (data.py)
 
@@ -12,7 +12,8 @@ from nanogpt_lightning.config import compose_train_config  # noqa: E402
 @exit_on_user_error
 def main(overrides: list[str]) -> None:
     cfg = compose_train_config(overrides)  # checked before the seconds of loading PyTorch and Lightning
-    from nanogpt_lightning.training import build_datamodule
+    with ctrl_c_held():
+        from nanogpt_lightning.training import build_datamodule
 
     build_datamodule(cfg).prepare_data(force=True)
 

@@ -4,16 +4,17 @@ from nanogpt_lightning.cpu_memory import tune_cpu_memory
 
 tune_cpu_memory()  # before torch loads: it reads its huge-page switch once
 
-from nanogpt_lightning.errors import exit_on_user_error, quiet_ctrl_c  # noqa: E402  (standard library only)
+from nanogpt_lightning.errors import ctrl_c_held, exit_on_user_error, quiet_ctrl_c  # noqa: E402  (standard library)
 
-quiet_ctrl_c()  # from here on: Ctrl+C during the seconds of imports below is one line, not a traceback
+quiet_ctrl_c()  # from here on: Ctrl+C before training is one line, not a traceback
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+with ctrl_c_held():
+    import hydra
+    from omegaconf import DictConfig
 
-from nanogpt_lightning.config import register_resolvers, validate_train_config  # noqa: E402
-from nanogpt_lightning.rundir import remove_run_dir_on_early_failure  # noqa: E402
-from nanogpt_lightning.sweeps import report_sweep_job  # noqa: E402
+    from nanogpt_lightning.config import register_resolvers, validate_train_config
+    from nanogpt_lightning.rundir import remove_run_dir_on_early_failure
+    from nanogpt_lightning.sweeps import report_sweep_job
 
 register_resolvers()  # before hydra.main composes the config
 
@@ -24,7 +25,8 @@ register_resolvers()  # before hydra.main composes the config
 @remove_run_dir_on_early_failure
 def main(cfg: DictConfig) -> float:
     validate_train_config(cfg)  # a bad setting is refused before the seconds of loading PyTorch and Lightning
-    from nanogpt_lightning.training import train
+    with ctrl_c_held():
+        from nanogpt_lightning.training import train
 
     return train(cfg)
 

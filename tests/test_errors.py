@@ -155,3 +155,28 @@ def test_a_reader_that_leaves_early_ends_a_script_quietly(tmp_path):
     result = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.stdout == "a line of generated text\n"
     assert result.stderr == ""
+
+
+def test_ctrl_c_during_a_held_block_is_raised_when_the_block_ends():
+    """A KeyboardInterrupt inside an import leaves modules half-made (PyTorch's start-up then aborts the process):
+    the scripts hold Ctrl+C over their imports and take it afterwards."""
+    import os
+    import signal
+
+    from nanogpt_lightning.errors import ctrl_c_held
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a test worker may ignore SIGINT
+    reached_the_end_of_the_block = False
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with ctrl_c_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):  # bytecodes at which Python would have run a raising handler
+                    pass
+                reached_the_end_of_the_block = True
+        assert reached_the_end_of_the_block
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler before the block is back
+        with ctrl_c_held():  # no interrupt: nothing raised
+            pass
+    finally:
+        signal.signal(signal.SIGINT, previous)

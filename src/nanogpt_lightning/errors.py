@@ -1,5 +1,6 @@
 """User mistakes become one clear line on stderr and a non-zero exit, never a traceback."""
 
+import contextlib
 import functools
 import os
 import signal
@@ -59,3 +60,20 @@ def quiet_ctrl_c(message: str = "stopped by Ctrl+C before training began; nothin
         os._exit(130)  # after an uncaught KeyboardInterrupt Python would end by the signal, not with a status
 
     sys.excepthook = hook
+
+
+@contextlib.contextmanager
+def ctrl_c_held():
+    """Hold Ctrl+C until the block ends, then raise KeyboardInterrupt there.
+
+    For the seconds of importing PyTorch and Lightning: an interrupt raised inside an import leaves modules
+    half-made (numpy and scipy then fail with unrelated errors, PyTorch's C++ start-up aborts the process).
+    """
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
