@@ -15,39 +15,46 @@ from nanogpt_lightning.fused_loss import (
     matmul,
 )
 from nanogpt_lightning.model import GPT, GPTConfig
+from test_model import OPTION_SETS
 
 
 X86_ONEDNN = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
 
-def reference(hidden, weight, targets):
-    return F.cross_entropy(hidden @ weight.t(), targets, ignore_index=-1)
+def reference(hidden, weight, targets, softcap=None):
+    logits = hidden @ weight.t()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, targets, ignore_index=-1)
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["uncapped", "softcap"])
 @pytest.mark.parametrize("chunk_rows", [1, 3, 7, 64])
-def test_gradcheck_float64_with_ignored_rows(chunk_rows):
+def test_gradcheck_float64_with_ignored_rows(chunk_rows, softcap):
     torch.manual_seed(0)
     hidden = torch.randn(10, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(13, 5, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 13, (10,))
     targets[[2, 7]] = -1
     assert torch.autograd.gradcheck(
-        lambda h, w: fused_linear_cross_entropy(h, w, targets, chunk_rows), (hidden, weight)
+        lambda h, w: fused_linear_cross_entropy(h, w, targets, chunk_rows, softcap), (hidden, weight)
     )
-    torch.testing.assert_close(fused_linear_cross_entropy(hidden, weight, targets, chunk_rows),
-                               reference(hidden, weight, targets))
+    torch.testing.assert_close(fused_linear_cross_entropy(hidden, weight, targets, chunk_rows, softcap),
+                               reference(hidden, weight, targets, softcap))
 
 
-@pytest.mark.parametrize("chunk_rows", [None, 200])
-def test_float32_matches_cross_entropy_on_a_gpt2_sized_output_layer(chunk_rows):
+@pytest.mark.parametrize("chunk_rows, softcap", [(None, None), (200, None), (None, 2.0)])
+def test_float32_matches_cross_entropy_on_a_gpt2_sized_output_layer(chunk_rows, softcap):
+    """Soft-capped too, in 4 default chunks of 128 rows (raw logits ~ N(0, 0.8^2), the largest twice the cap)."""
     torch.manual_seed(0)
     hidden = torch.randn(512, 64)
     weight = torch.randn(50304, 64) * 0.1
     targets = torch.randint(0, 50257, (512,))
     targets[::9] = -1
     results = []
-    fused = lambda h, w, t: fused_linear_cross_entropy(h, w, t, chunk_rows)  # noqa: E731
-    for loss_fn in (reference, fused):
+    uncapped = lambda h, w, t: reference(h, w, t, softcap)  # noqa: E731
+    fused = lambda h, w, t: fused_linear_cross_entropy(h, w, t, chunk_rows, softcap)  # noqa: E731
+    for loss_fn in (uncapped, fused):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         loss = loss_fn(h, w, targets)
         loss.backward()
@@ -75,6 +82,27 @@ def test_default_chunks_stay_under_the_byte_budget_and_are_even():
     assert rows <= most and -(-n_rows // rows) == -(-n_rows // most)  # within budget, no more chunks than needed
     assert default_chunk_rows(12 * 64, 65, torch.float32) == 12 * 64  # a macbook_char batch in one chunk
     assert default_chunk_rows(7, 10**9, torch.float32) == 1
+    # soft-capping with gradients keeps two blocks per chunk: half the rows, the same bytes
+    assert default_chunk_rows(512, 50304, torch.float32, n_buffers=2) == 128
+    rows = default_chunk_rows(n_rows, 50304, torch.float32, n_buffers=2)
+    assert 2 * rows * row_bytes <= CHUNK_BYTES and -(-n_rows // rows) == -(-n_rows // (most // 2))
+
+
+@pytest.mark.parametrize("softcap, grad, chunk", [(None, True, 4), (2.0, False, 4), (2.0, True, 2)],
+                         ids=["uncapped", "softcap without grad", "softcap with grad"])
+def test_soft_capping_with_gradients_halves_the_default_chunk(monkeypatch, softcap, grad, chunk):
+    """Its second (rows x vocab) buffer counts against CHUNK_BYTES; without gradients it needs none."""
+    monkeypatch.setattr(fused_loss, "CHUNK_BYTES", 4 * 10 * 4)  # four float32 rows of a vocabulary of 10
+    hidden = torch.randn(12, 4, requires_grad=True)
+    weight = torch.randn(10, 4, requires_grad=True)
+    targets = torch.randint(0, 10, (12,))
+    matmuls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: matmuls.append(a[0].shape) or real_mm(*a, **k))
+    with torch.set_grad_enabled(grad):
+        loss = fused_linear_cross_entropy(hidden, weight, targets, softcap=softcap)
+    assert matmuls.count((chunk, 4)) == 12 // chunk  # the logits of each chunk
+    torch.testing.assert_close(loss, reference(hidden, weight, targets, softcap))
 
 
 def test_all_rows_ignored_gives_nan_like_cross_entropy():
@@ -99,7 +127,9 @@ def test_no_gradient_work_without_grad(monkeypatch):
     torch.testing.assert_close(loss, reference(hidden, weight, targets))
 
 
-def test_tied_gpt_gradients_equal_with_fused_loss_on_and_off():
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_gpt_gradients_equal_with_fused_loss_on_and_off(options):
+    """Every model option, tied and untied output layer, soft-capped logits (cap 5) included."""
     torch.manual_seed(0)
     idx = torch.randint(0, 37, (3, 8))
     targets = torch.randint(0, 37, (3, 8))
@@ -108,10 +138,13 @@ def test_tied_gpt_gradients_equal_with_fused_loss_on_and_off():
     for fused in (False, True):
         torch.manual_seed(1)
         model = GPT(GPTConfig(block_size=8, vocab_size=37, n_layer=2, n_head=2, n_embd=16,
-                              vocab_multiple=8, fused_loss=fused)).double()
+                              vocab_multiple=8, fused_loss=fused, **options)).double()
+        with torch.no_grad():  # the same noise for both: zero-initialised layers get gradients everywhere
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
         _, loss = model(idx, targets)
         loss.backward()
-        assert model.lm_head.weight is model.transformer.wte.weight
+        assert (model.lm_head.weight is model.transformer.wte.weight) == options.get("tie_embeddings", True)
         grads.append((loss.detach(), {name: p.grad for name, p in model.named_parameters()}))
     (loss_off, grads_off), (loss_on, grads_on) = grads
     torch.testing.assert_close(loss_on, loss_off)

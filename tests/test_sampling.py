@@ -16,6 +16,7 @@ from nanogpt_lightning.sampling import (
     SEPARATOR, find_checkpoint, generate, load_checkpoint, read_prompt, sample, stream_text,
 )
 from nanogpt_lightning.tokenizer import GPT2Tokenizer
+from test_model import OPTION_SETS, scrambled_gpt
 
 BLOCK_SIZE = 16  # TINY_RUN's data.block_size
 CPU = torch.device("cpu")
@@ -79,6 +80,32 @@ def test_kv_cache_gives_the_tokens_of_full_recomputation_also_past_the_block(run
     with torch.no_grad():
         assert ours == nanogpt_generate(model, prompt, n_new, temperature, top_k)
     assert len(ours) == n_new
+
+
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_kv_cache_gives_the_logits_and_tokens_of_recomputation_for_every_model_option(options):
+    """Greedy, three blocks long: inside the block the cache continues the (rotary) positions at its length;
+    past it every step recomputes the cropped context from position 0, as nanoGPT does."""
+    model = scrambled_gpt(block_size=8, vocab_multiple=8, **options)  # 65 -> 72: padding is dropped
+    prompt = [3, 1, 4]
+    logits = {"cache": [], "recompute": []}
+    tokens = {}
+    real_logits = model.logits
+    for way, run in (("cache", lambda: list(generate(model, prompt, 24, temperature=0))),
+                     ("recompute", lambda: nanogpt_generate(model, prompt, 24, temperature=0, top_k=None))):
+        def recorded(hidden, way=way):  # the logits of the newest position, as each way computes them
+            out = real_logits(hidden)
+            logits[way].append(out.reshape(-1, out.size(-1))[-1, :65])
+            return out
+
+        model.logits = recorded
+        with torch.no_grad():
+            tokens[way] = run()
+        del model.logits
+    assert tokens["cache"] == tokens["recompute"] and len(set(tokens["cache"])) > 1
+    assert len(logits["cache"]) == len(logits["recompute"]) == 24
+    torch.testing.assert_close(torch.stack(logits["cache"]), torch.stack(logits["recompute"]),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_ignores_the_seed(runs):

@@ -11,6 +11,12 @@ softmax (P), two row-max reads (they give the log-sum-exp exactly, see below) an
 matmuls. The one-hot part of P - Y is done once on (rows, n_embd) tensors:
 d(loss)/d(hidden) = scale * (P @ W - W[targets]) and
 d(loss)/d(W) = P^T @ (scale * hidden), minus scale * hidden added at the target rows of W.
+
+Soft-capped logits (softcap=c: z = c * tanh(raw / c), raw = hidden @ W^T) change the gradient wrt the raw
+logits to (P - Y) * (1 - t^2), t = tanh(raw / c). With gradients wanted, each chunk then keeps t in a
+second (rows x vocab) buffer, scales P in place by 1 - t^2 before the two gradient matmuls, and the one-hot
+terms take the target's factor 1 - t_target^2 = 1 - (z_target / c)^2. The two buffers together stay within
+CHUNK_BYTES (half the rows per chunk). Without a cap nothing of this runs.
 """
 
 import functools
@@ -58,16 +64,18 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
-def default_chunk_rows(n_rows: int, vocab_size: int, dtype: torch.dtype) -> int:
-    """As many rows as fit in CHUNK_BYTES, spread evenly over the chunks that takes (512 -> 2 x 256 for GPT-2)."""
-    most = max(1, CHUNK_BYTES // (vocab_size * dtype.itemsize))
+def default_chunk_rows(n_rows: int, vocab_size: int, dtype: torch.dtype, n_buffers: int = 1) -> int:
+    """As many rows as fit in CHUNK_BYTES, spread evenly over the chunks that takes (512 -> 2 x 256 for GPT-2).
+
+    n_buffers: the (rows x vocab) buffers a chunk uses (2 for soft-capped logits with gradients)."""
+    most = max(1, CHUNK_BYTES // (n_buffers * vocab_size * dtype.itemsize))
     n_chunks = -(-n_rows // most)
     return -(-n_rows // n_chunks)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows, want_grads):
+    def forward(ctx, hidden, weight, targets, chunk_rows, want_grads, softcap):
         n_rows = hidden.size(0)
         valid = targets != -1
         n_valid = valid.sum()
@@ -81,16 +89,28 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # reused by every chunk: no allocation (nor page zeroing) per chunk
         block = hidden.new_empty(min(chunk_rows, n_rows), weight.size(0))
         target_log_prob = hidden.new_empty(n_rows)
+        # soft-capping with gradients: tanh(raw / c) of the chunk, and each row's 1 - t_target^2
+        capped_grads = softcap is not None and (want_hidden_grad or want_weight_grad)
+        tanh_block = torch.empty_like(block) if capped_grads else None
+        target_factor = hidden.new_empty(n_rows) if capped_grads else None
         for start in range(0, n_rows, chunk_rows):
             rows = slice(start, start + chunk_rows)
             n = min(chunk_rows, n_rows - start)
             z = torch.mm(hidden[rows], weight.t(), out=block[:n])
+            if capped_grads:
+                t = torch.tanh(z.div_(softcap), out=tanh_block[:n])
+                torch.mul(t, softcap, out=z)
+            elif softcap is not None:
+                z.div_(softcap).tanh_().mul_(softcap)
             target_logit = z.gather(1, targets[rows].unsqueeze(1)).squeeze(1)
             row_max = z.amax(dim=1)
             p = torch.softmax(z, dim=1, out=z)  # row by row: each row is read before it is written
             # log p[target] = z[target] - logsumexp(z), and logsumexp(z) = max(z) - log(max(p)): exact
             # even where p[target] underflows to 0, as max(p) >= 1 / vocab
             torch.sub(target_logit, row_max, out=target_log_prob[rows]).add_(p.amax(dim=1).log_())
+            if capped_grads:
+                p.addcmul_(p, t.square_(), value=-1)  # P * (1 - t^2)
+                torch.div(target_logit, softcap, out=target_factor[rows]).square_().neg_().add_(1)
             if grad_hidden is not None:
                 grad_hidden[rows] = matmul(p, weight)
             if grad_weight is None:
@@ -99,10 +119,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 torch.mm(p.t(), scaled_hidden[rows], out=grad_weight)
             else:
                 grad_weight.addmm_(p.t(), scaled_hidden[rows])
-        if grad_hidden is not None:
-            grad_hidden.sub_(weight[targets]).mul_(row_scale)  # scale * (P - Y) @ W
-        if grad_weight is not None:
-            grad_weight.index_add_(0, targets, scaled_hidden, alpha=-1)  # - Y^T @ (scale * hidden)
+        if capped_grads:  # the one-hot terms carry the target's factor 1 - t_target^2
+            target_factor = target_factor.unsqueeze(1)
+            if grad_hidden is not None:
+                grad_hidden.sub_(weight[targets].mul_(target_factor)).mul_(row_scale)
+            if grad_weight is not None:
+                grad_weight.index_add_(0, targets, scaled_hidden * target_factor, alpha=-1)
+        else:
+            if grad_hidden is not None:
+                grad_hidden.sub_(weight[targets]).mul_(row_scale)  # scale * (P - Y) @ W
+            if grad_weight is not None:
+                grad_weight.index_add_(0, targets, scaled_hidden, alpha=-1)  # - Y^T @ (scale * hidden)
         ctx.save_for_backward(grad_hidden, grad_weight)
         # mean over valid rows; no valid row gives nan, like F.cross_entropy
         return -target_log_prob.masked_fill_(~valid, 0.0).sum() / n_valid
@@ -110,16 +137,21 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         # out of place: a graph kept with retain_graph=True (gradcheck does so) can be backpropagated again
-        return *(g * grad_loss if g is not None else None for g in ctx.saved_tensors), None, None, None
+        return *(g * grad_loss if g is not None else None for g in ctx.saved_tensors), None, None, None, None
 
 
-def fused_linear_cross_entropy(hidden, weight, targets, chunk_rows: int | None = None):
-    """Same value and gradients as F.cross_entropy(hidden @ weight.T, targets, ignore_index=-1).
+def fused_linear_cross_entropy(hidden, weight, targets, chunk_rows: int | None = None,
+                               softcap: float | None = None):
+    """Same value and gradients as F.cross_entropy(hidden @ weight.T, targets, ignore_index=-1), or with
+    softcap=c as F.cross_entropy(c * tanh(hidden @ weight.T / c), ...).
 
     hidden: (N, C), weight: (V, C), targets: (N,) int64 with -1 for rows to ignore. chunk_rows: rows per
     chunk, by default default_chunk_rows.
     """
-    chunk_rows = chunk_rows or default_chunk_rows(hidden.size(0), weight.size(0), weight.dtype)
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
     grad_on = torch.is_grad_enabled()
     want_grads = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
-    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, want_grads)
+    n_buffers = 2 if softcap is not None and any(want_grads) else 1
+    chunk_rows = chunk_rows or default_chunk_rows(hidden.size(0), weight.size(0), weight.dtype, n_buffers)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, want_grads, softcap)

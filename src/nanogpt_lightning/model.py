@@ -26,6 +26,15 @@ class GPTConfig:
     bias: bool = False  # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
     vocab_multiple: int = 1  # pad the embedding table to a multiple of this (64 makes 50257 -> 50304)
     fused_loss: bool = True  # output layer + cross-entropy in chunks, never materialising all logits
+    # modern options (modded-nanogpt's); the defaults are nanoGPT's model, so checkpoints that predate them
+    # (their stored config lacks these keys) build the same model
+    rotary: bool = False  # rotary position embeddings on q and k instead of the learned position table wpe
+    norm: str = "layernorm"  # or "rmsnorm" (learned weight, no bias): ln_1, ln_2, ln_f
+    qk_norm: bool = False  # RMS-normalise q and k per head (no weight) before attention (and before rotary)
+    mlp: str = "gelu"  # or "relu2": ReLU squared
+    tie_embeddings: bool = True  # False: the output layer lm_head is its own matrix, not the token embedding
+    logit_softcap: float | None = None  # a number c > 0: logits = c * tanh(logits / c)
+    zero_init: bool = False  # zero-initialise the output projections (c_proj) and an untied lm_head
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -37,10 +46,25 @@ class GPTConfig:
                 raise ValueError(f"model {name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        for name, kinds in (("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in kinds:
+                raise ValueError(f"model.{name} must be one of {', '.join(kinds)}, got {getattr(self, name)!r}")
+        softcap = self.logit_softcap
+        if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                    or not 0 < softcap < math.inf):
+            raise ValueError(f"model.logit_softcap must be a positive number or null, got {softcap}")
+        if self.rotary and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"model.rotary needs an even head size, got n_embd / n_head = "
+                             f"{self.n_embd // self.n_head}")
 
     @property
     def padded_vocab_size(self) -> int:
         return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "relu2")
+ROTARY_BASE = 10000.0
 
 
 class LayerNorm(nn.Module):
@@ -55,6 +79,36 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned weight and no bias."""
+
+    def __init__(self, ndim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+
+    def forward(self, x):
+        return F.rms_norm(x, self.weight.shape, self.weight, 1e-5)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    return RMSNorm(config.n_embd) if config.norm == "rmsnorm" else LayerNorm(config.n_embd, bias=config.bias)
+
+
+def rotary_table(head_size: int, length: int) -> torch.Tensor:
+    """cos and sin of position x frequency, (2, length, head_size / 2): frequencies base^(-2i / head_size)."""
+    inv_freq = ROTARY_BASE ** -(torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    return torch.stack((angles.cos(), angles.sin())).float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) by position: the pairs (i, i + D/2) (half-split, as GPT-NeoX and Llama) turn by
+    the angle in cos/sin (T, D/2), so q . k depends on the positions only through their difference."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -63,12 +117,18 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
 
-    def forward(self, x, kv_cache=None):
-        """kv_cache: None, or a dict holding this layer's past keys and values, extended in place."""
+    def forward(self, x, kv_cache=None, rotary=None):
+        """kv_cache: None, or a dict holding this layer's past keys and values, extended in place.
+        rotary: None, or the (cos, sin) of the positions of x (see apply_rotary)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm:  # norm, then rotary (as modded-nanogpt): rotation keeps the norm
+            q, k = F.rms_norm(q, (q.size(-1),), eps=1e-5), F.rms_norm(k, (k.size(-1),), eps=1e-5)
+        if rotary is not None:  # the cache holds rotated keys: each keeps the rotation of its own position
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if kv_cache is not None and "k" in kv_cache:
             k = torch.cat((kv_cache["k"], k), dim=2)
             v = torch.cat((kv_cache["v"], v), dim=2)
@@ -91,24 +151,26 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.relu2 = config.mlp == "relu2"
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        x = self.c_fc(x)
+        x = F.relu(x).square() if self.relu2 else F.gelu(x)
+        return self.dropout(self.c_proj(x))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x, kv_cache=None, rotary=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, rotary)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -117,23 +179,33 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         vocab = config.padded_vocab_size
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(vocab, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=LayerNorm(config.n_embd, bias=config.bias),
-            )
+        modules = dict(wte=nn.Embedding(vocab, config.n_embd))
+        if not config.rotary:
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules.update(
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=make_norm(config),
         )
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
-        # weight tying: https://paperswithcode.com/method/weight-tying
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            # weight tying: https://paperswithcode.com/method/weight-tying
+            self.transformer.wte.weight = self.lm_head.weight
+        if config.rotary:
+            # cos and sin of every position of the block; not persistent: state_dicts stay as without rotary
+            self.register_buffer("rotary_cos_sin", rotary_table(config.n_embd // config.n_head, config.block_size),
+                                 persistent=False)
         self.apply(self._init_weights)
-        # GPT-2's scaled init of the residual projections
+        # GPT-2's scaled init of the residual projections, or zeros (modded-nanogpt)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init:
+                    torch.nn.init.zeros_(p)
+                else:
+                    torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.zero_init and not config.tie_embeddings:
+            torch.nn.init.zeros_(self.lm_head.weight)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -144,36 +216,52 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; position embeddings are left out by default (token ones are tied to lm_head)."""
+        """Parameter count; embedding lookups are left out by default: the position table (none with rotary)
+        and the token table when it is not tied to lm_head (tied, it is the output layer's matmul)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
         return n
 
     def hidden_states(self, idx, kv_caches=None):
-        """Final-LayerNorm hidden states (B, T, n_embd); with caches, positions continue after the cached ones."""
+        """Final-norm hidden states (B, T, n_embd); with caches, positions continue after the cached ones."""
         T = idx.size(1)
         start = kv_caches[0]["k"].size(2) if kv_caches and "k" in kv_caches[0] else 0
         if start + T > self.config.block_size:
             raise ValueError(
                 f"cannot forward a sequence of length {start + T}, block size is {self.config.block_size}"
             )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        rotary = None
+        if self.config.rotary:
+            rotary = self.rotary_cos_sin[:, start:start + T].unbind(0)
+        else:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_caches[i] if kv_caches is not None else None)
+            x = block(x, kv_caches[i] if kv_caches is not None else None, rotary)
         return self.transformer.ln_f(x)
+
+    def logits(self, hidden):
+        """The output layer on hidden states, soft-capped when logit_softcap is set (padded vocabulary included)."""
+        logits = self.lm_head(hidden)
+        cap = self.config.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def forward(self, idx, targets=None):
         """With targets: (None, mean loss). Without: (logits of the last position, None)."""
         x = self.hidden_states(idx)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
+            return self.logits(x[:, [-1], :]), None
         hidden, flat_targets = x.view(-1, x.size(-1)), targets.view(-1)
         if self.config.fused_loss:
-            loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, flat_targets)
+            loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, flat_targets,
+                                              softcap=self.config.logit_softcap)
         else:
-            loss = F.cross_entropy(self.lm_head(hidden), flat_targets, ignore_index=-1)
+            loss = F.cross_entropy(self.logits(hidden), flat_targets, ignore_index=-1)
         return None, loss
 
     def optimizer_groups(self, weight_decay: float):

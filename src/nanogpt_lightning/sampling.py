@@ -98,7 +98,7 @@ def generate(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature
             hidden = model.hidden_states(ids, caches)
         else:
             hidden = model.hidden_states(ids[:, -1:], caches)
-        logits = model.lm_head(hidden[:, -1, :])[:, :vocab_size]  # drop the padding of the vocabulary
+        logits = model.logits(hidden[:, -1, :])[:, :vocab_size]  # drop the padding of the vocabulary
         if temperature == 0:
             next_id = logits.argmax(dim=-1, keepdim=True)
         else:
