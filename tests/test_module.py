@@ -5,7 +5,8 @@ import torch
 
 from nanogpt_lightning.model import GPTConfig
 from nanogpt_lightning.checkpoints import CHECKPOINT_KEY
-from nanogpt_lightning.module import GPTModule, WarmupCosineLR, adamw
+from nanogpt_lightning.module import GPTModule, WarmupCosineLR
+from nanogpt_lightning.optimizers import adamw
 
 
 def schedule(**kwargs):

@@ -19,7 +19,8 @@ from nanogpt_lightning.metrics import EVAL_LOSS_TAGS, ITER_LOSS_TAG
 from nanogpt_lightning.data import TextDataModule
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model import GPTConfig
-from nanogpt_lightning.module import GPTModule, WarmupCosineLR, adamw
+from nanogpt_lightning.module import GPTModule, WarmupCosineLR
+from nanogpt_lightning.optimizers import adamw
 from nanogpt_lightning import plotting
 from nanogpt_lightning.plotting import (
     curves_from_text, labels, load_inputs, loss_figure, plot_curves, plot_loss, smooth,

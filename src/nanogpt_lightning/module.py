@@ -1,4 +1,4 @@
-"""The LightningModule around the plain-PyTorch GPT: loss, AdamW groups, LR schedule, evaluation."""
+"""The LightningModule around the plain-PyTorch GPT: loss, LR schedule, evaluation (optimizers: optimizers.py)."""
 
 from __future__ import annotations
 
@@ -36,11 +36,6 @@ class WarmupCosineLR(LambdaLR):
             return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
 
         super().__init__(optimizer, lambda it: lr_at(it) / max_lr)
-
-
-def adamw(model: GPT, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
-    """AdamW over nanoGPT's decay/no-decay groups, with the fused kernel (all devices we target have one)."""
-    return torch.optim.AdamW(model.optimizer_groups(weight_decay), lr=lr, betas=tuple(betas), fused=True)
 
 
 class GPTModule(L.LightningModule):
