@@ -25,7 +25,7 @@ TINY_RUN = [
 ]
 # the lines a run prints (nanoGPT's)
 ITER_LINE = re.compile(r"^iter (\d+): loss (\d+\.\d{4}), time (\d+\.\d{2})ms$", re.M)
-STEP_LINE = re.compile(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4})$", re.M)
+STEP_LINE = re.compile(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4}), val bpb (\d+\.\d{4})$", re.M)
 
 
 def run_script(script: str, *args: str, cwd: Path, check: bool = True,
@@ -37,6 +37,31 @@ def run_script(script: str, *args: str, cwd: Path, check: bool = True,
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def fit_tiny(run: Path, max_steps: int, *callbacks, val_check_interval: int = 3, **trainer_kwargs):
+    """Train a tiny GPT on the sonnets in this process (no script start-up); returns the trainer."""
+    from functools import partial
+
+    import lightning as L
+
+    from nanogpt_lightning.data import TextDataModule
+    from nanogpt_lightning.model import GPTConfig
+    from nanogpt_lightning.module import GPTModule, WarmupCosineLR
+    from nanogpt_lightning.optimizers import adamw
+
+    data = TextDataModule(data_dir=str(run.parent / "data"), input_file=str(SONNETS), block_size=8,
+                          batch_size=2, eval_iters=1)
+    data.prepare_data()
+    module = GPTModule(GPTConfig(block_size=8, vocab_size=data.vocab_size, n_layer=1, n_head=1, n_embd=8),
+                       data.meta["tokenizer"], optimizer=partial(adamw, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99)),
+                       scheduler=partial(WarmupCosineLR, warmup_iters=1, lr_decay_iters=10, min_lr=1e-4))
+    trainer = L.Trainer(**{"logger": False, **trainer_kwargs}, max_steps=max_steps, max_epochs=-1,
+                        val_check_interval=val_check_interval, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                        accelerator="cpu", devices=1, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=list(callbacks))
+    trainer.fit(module, datamodule=data)
+    return trainer
 
 
 @pytest.fixture

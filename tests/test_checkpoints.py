@@ -46,6 +46,10 @@ def test_a_resume_must_repeat_the_settings_that_shape_the_result(tmp_path):
                                         r"seed=2 \(checkpoint: 1\); resume with the checkpoint's settings"):
         check_same_settings(checkpoint, {**settings, "optimizer.lr": 1e-2, "seed": 2}, tmp_path, ())
     check_same_settings(saved(), {"seed": 2}, tmp_path, ())  # an older checkpoint recorded none
+    # settings added to the project after the checkpoint was written keep the old behaviour by default
+    check_same_settings(checkpoint, {**settings, "model.rotary": False, "budget_s": None}, tmp_path, ())
+    with pytest.raises(UserError, match=r"other settings: optimizer.lr=None \(checkpoint: 0.001\)"):
+        check_same_settings(checkpoint, {"trainer.max_steps": 100, "seed": 1}, tmp_path, ())  # one it had is gone
 
 
 def test_a_resume_must_train_on_the_checkpoints_data(tmp_path):

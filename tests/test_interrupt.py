@@ -42,9 +42,9 @@ def train(tmp_path, *overrides, signal_at: tuple[int, int] | None = None, check:
 
 
 def losses(stdout: str) -> tuple[dict[int, str], dict[int, tuple[str, str]]]:
-    """The printed training loss of each iteration and the evaluation losses of each step (times left out)."""
+    """The printed training loss of each iteration and the evaluation figures of each step (times left out)."""
     return ({int(n): loss for n, loss, _ in ITER_LINE.findall(stdout)},
-            {int(n): (train, val) for n, train, val in STEP_LINE.findall(stdout)})
+            {int(n): figures for n, *figures in STEP_LINE.findall(stdout)})
 
 
 def test_ctrl_c_and_sigterm_save_and_the_resumed_run_repeats_the_unbroken_one_exactly(tmp_path):

@@ -4,7 +4,6 @@ import io
 import math
 import os
 import signal
-from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -13,14 +12,10 @@ import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard import SummaryWriter
 
-from conftest import SONNETS, run_script
+from conftest import SONNETS, fit_tiny, run_script
 from nanogpt_lightning.callbacks import IterationLogger, LossPlot
-from nanogpt_lightning.metrics import EVAL_LOSS_TAGS, ITER_LOSS_TAG
-from nanogpt_lightning.data import TextDataModule
+from nanogpt_lightning.metrics import EVAL_BPB_TAGS, EVAL_LOSS_TAGS, ITER_LOSS_TAG
 from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.model import GPTConfig
-from nanogpt_lightning.module import GPTModule, WarmupCosineLR
-from nanogpt_lightning.optimizers import adamw
 from nanogpt_lightning import plotting
 from nanogpt_lightning.plotting import (
     curves_from_text, labels, load_inputs, loss_figure, plot_curves, plot_loss, smooth,
@@ -46,6 +41,7 @@ def write_run(run: Path, iters: dict, evals: dict, config: str | None = None) ->
         for step, (train, val) in evals.items():
             writer.add_scalar(EVAL_LOSS_TAGS["train"], train, step)
             writer.add_scalar(EVAL_LOSS_TAGS["val"], val, step)
+            writer.add_scalar(EVAL_BPB_TAGS["val"], val / math.log(2), step)  # an ASCII character model's
     if config is not None:
         (run / ".hydra").mkdir()
         (run / ".hydra" / "config.yaml").write_text(config)
@@ -82,6 +78,9 @@ def test_pasted_log_gives_the_picture_of_the_same_run(tmp_path):
     assert pasted.iters.steps == [1, 2, 3, 4, 5, 6]
     assert pasted.iters.values == [ITERS[s] for s in range(1, 7)]
     assert (pasted.evals["train"].values, pasted.evals["val"].values) == ([4.5, 3.25], [4.625, 3.5])
+    assert math.isnan(pasted.final_val_bpb)  # nanoGPT's lines have no bits per byte; ours do
+    ours = curves_from_text("step 6: train loss 3.2500, val loss 3.5000, val bpb 5.0494\n", "ours")
+    assert (ours.val_bpb.steps, ours.final_val_bpb, ours.final_val_loss) == ([6], 5.0494, 3.5)
 
     path = plot_loss(["-"], output=str(tmp_path / "pasted.png"), stdin=io.StringIO(PASTED_LOG), out=io.StringIO())
     assert_png(path)
@@ -105,10 +104,10 @@ def test_sweep_runs_are_labelled_by_what_differs_and_ranked_by_val_loss(tmp_path
     out = io.StringIO()
     assert plot_loss([str(sweep)], out=out) == sweep / "loss.png"
     assert out.getvalue().splitlines() == [
-        "run                 val loss  n_embd",
-        "1_model.n_embd=32   2.0000    32",
-        "10_model.n_embd=64  2.5000    64",
-        "0_model.n_embd=16   3.0000    16",
+        "run                 val loss  val bpb  n_embd",
+        "1_model.n_embd=32   2.0000    2.8854   32",
+        "10_model.n_embd=64  2.5000    3.6067   64",
+        "0_model.n_embd=16   3.0000    4.3281   16",
         str(sweep / "loss.png"),
     ]
     curves = load_inputs([str(sweep)])
@@ -207,21 +206,6 @@ class InterruptAt(L.Callback):
             raise KeyboardInterrupt
 
 
-def fit_tiny(run: Path, max_steps: int, *callbacks: L.Callback) -> None:
-    data = TextDataModule(data_dir=str(run.parent / "data"), input_file=str(SONNETS), block_size=8,
-                          batch_size=2, eval_iters=1)
-    data.prepare_data()
-    module = GPTModule(GPTConfig(block_size=8, vocab_size=data.vocab_size, n_layer=1, n_head=1, n_embd=8),
-                       data.meta["tokenizer"], optimizer=partial(adamw, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99)),
-                       scheduler=partial(WarmupCosineLR, warmup_iters=1, lr_decay_iters=10, min_lr=1e-4))
-    trainer = L.Trainer(max_steps=max_steps, max_epochs=-1, val_check_interval=3, check_val_every_n_epoch=None,
-                        num_sanity_val_steps=0, accelerator="cpu", devices=1, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        logger=TensorBoardLogger(run, name="tensorboard", version=""),
-                        callbacks=[IterationLogger(), LossPlot(), *callbacks])
-    trainer.fit(module, datamodule=data)
-
-
 @pytest.fixture
 def plotted(monkeypatch) -> list:
     """The curves LossPlot draws, as read at that moment."""
@@ -237,7 +221,7 @@ def plotted(monkeypatch) -> list:
 
 def test_training_end_writes_loss_png_into_the_run_dir(tmp_path, plotted):
     run = tmp_path / "run"
-    fit_tiny(run, 6)
+    fit_tiny(run, 6, IterationLogger(), LossPlot(), logger=TensorBoardLogger(run, name="tensorboard", version=""))
     assert_png(run / "loss.png")
     [curves] = plotted
     assert curves.iters.steps == [1, 2, 3, 4, 5, 6] and len(curves.evals["val"].steps) == 2
@@ -249,7 +233,8 @@ def test_ctrl_c_still_writes_loss_png(tmp_path, plotted):
     sigint_handler = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit):  # Lightning's graceful shutdown on KeyboardInterrupt
-            fit_tiny(run, 100, InterruptAt(4))
+            fit_tiny(run, 100, IterationLogger(), LossPlot(), InterruptAt(4),
+                     logger=TensorBoardLogger(run, name="tensorboard", version=""))
     finally:
         signal.signal(signal.SIGINT, sigint_handler)  # Lightning ignores further Ctrl+C after the first
     assert_png(run / "loss.png")

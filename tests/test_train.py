@@ -46,7 +46,7 @@ def test_training_lowers_the_loss_and_prints_whole_nanogpt_lines(first_run):
     first, last = sum(l for _, l in iters[:5]) / 5, sum(l for _, l in iters[-5:]) / 5
     assert last < first - 0.5
     steps = STEP_LINE.findall(result.stdout)
-    assert [int(s) for s, _, _ in steps] == [30, 60]
+    assert [int(s) for s, *_ in steps] == [30, 60]
     assert float(steps[1][2]) < float(steps[0][2])
 
 
@@ -132,11 +132,14 @@ def test_hparams_hold_the_settings_that_shape_the_result_and_the_final_losses(fi
     assert hparams["data.tokenizer"].string_value == "char"
     assert not [key for key in hparams if "_target_" in key or "dirpath" in key or "save_dir" in key]
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    assert {m.name.tag for m in experiment.metric_infos} == {"hp/final_train_loss", "hp/final_val_loss"}
-    final_train, final_val = map(float, STEP_LINE.findall(result.stdout)[-1][1:])
+    assert {m.name.tag for m in experiment.metric_infos} == {
+        "hp/final_train_loss", "hp/final_val_loss", "hp/final_train_bpb", "hp/final_val_bpb"}
+    final_train, final_val, final_val_bpb = map(float, STEP_LINE.findall(result.stdout)[-1][1:])
     final = events.Scalars("hp/final_val_loss")[-1]
     assert final.step == 65 and final.value == pytest.approx(final_val, abs=1e-4)
     assert events.Scalars("hp/final_train_loss")[-1].value == pytest.approx(final_train, abs=1e-4)
+    assert events.Scalars("hp/final_val_bpb")[-1].value == pytest.approx(final_val_bpb, abs=1e-4)
+    assert events.Scalars("val/bpb")[-1].value == pytest.approx(final_val_bpb, abs=1e-4)
 
 
 def test_resume_continues_the_step_count(first_run):

@@ -22,12 +22,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from tqdm import tqdm
 
+from nanogpt_lightning.checkpoints import TIME_BUDGET_KEY
 from nanogpt_lightning.console import say
 from nanogpt_lightning.data import describe_data
 from nanogpt_lightning.errors import TrainingInterrupted, UserError
-from nanogpt_lightning.metrics import EVAL_LOSS_TAGS, ITER_LOSS_TAG
+from nanogpt_lightning.metrics import EVAL_BPB_TAGS, EVAL_LOSS_TAGS, ITER_LOSS_TAG
 
-FINAL_LOSS_TAGS = {split: f"hp/final_{split}_loss" for split in EVAL_LOSS_TAGS}  # HPARAMS' metric columns
+# HPARAMS' metric columns: the final evaluation's losses and bits per byte
+FINAL_TAGS = {tag: f"hp/final_{tag.replace('/', '_')}" for tag in (*EVAL_LOSS_TAGS.values(), *EVAL_BPB_TAGS.values())}
 
 
 def print_line(trainer: L.Trainer, line: str) -> None:
@@ -44,8 +46,8 @@ class IterationLogger(L.Callback):
 
     The loss is the mean over the iteration's micro-batches; the time is the mean wall time per
     iteration since the last line, evaluation excluded. Loss, time, tokens per second and learning
-    rate also go to the loggers. After each evaluation: `step N: train loss X.XXXX, val loss Y.YYYY`,
-    also logged at step N.
+    rate also go to the loggers. After each evaluation: `step N: train loss X.XXXX, val loss Y.YYYY,
+    val bpb Z.ZZZZ` (bits per byte), losses and bits per byte of both splits also logged at step N.
     The loss is read from the device only on logged iterations, so other steps never wait for it.
     """
 
@@ -95,21 +97,22 @@ class IterationLogger(L.Callback):
         self._window_start += perf_counter() - self._eval_start  # evaluation time is not iteration time
         if trainer.sanity_checking:
             return
-        losses = {split: trainer.callback_metrics.get(tag) for split, tag in EVAL_LOSS_TAGS.items()}
-        if any(v is None for v in losses.values()):
+        tags = (*EVAL_LOSS_TAGS.values(), *EVAL_BPB_TAGS.values())
+        values = {tag: trainer.callback_metrics.get(tag) for tag in tags}
+        if any(v is None for v in values.values()):
             return
-        print_line(trainer, f"step {trainer.global_step}: train loss {losses['train']:.4f}, "
-                            f"val loss {losses['val']:.4f}")
+        print_line(trainer, f"step {trainer.global_step}: train loss {values[EVAL_LOSS_TAGS['train']]:.4f}, "
+                            f"val loss {values[EVAL_LOSS_TAGS['val']]:.4f}, val bpb {values[EVAL_BPB_TAGS['val']]:.4f}")
         for logger in trainer.loggers:
-            logger.log_metrics({EVAL_LOSS_TAGS[split]: float(v) for split, v in losses.items()},
-                               step=trainer.global_step)
+            logger.log_metrics({tag: float(v) for tag, v in values.items()}, step=trainer.global_step)
 
 
 class StepProgressBar(TQDMProgressBar):
     """A bar that runs to max_steps x accumulation micro-batches, so it shows an ETA; on terminals only.
 
-    (The training stream is endless, so Lightning alone would not know the total.) When stdout is a file
-    or a pipe the bar stays off: a log then holds whole lines only, as nanoGPT's does.
+    (The training stream is endless, so Lightning alone would not know the total.) Under a time budget it
+    runs over the budget's seconds of training instead. When stdout is a file or a pipe the bar stays off:
+    a log then holds whole lines only, as nanoGPT's does.
     """
 
     @property
@@ -121,6 +124,79 @@ class StepProgressBar(TQDMProgressBar):
         if self.trainer.max_steps > 0:
             return self.trainer.max_steps * self.trainer.accumulate_grad_batches
         return super().total_train_batches
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        budget = time_budget(trainer)
+        if budget is None or not self.is_enabled:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar = self.train_progress_bar
+        bar.bar_format = "{l_bar}{bar}| {n:.0f}/{total:.0f}s of training [{elapsed}<{remaining}{postfix}]"
+        bar.total = budget.seconds
+        bar.n = min(budget.seconds_used(), budget.seconds)
+        bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+        bar.refresh()
+
+
+class TimeBudget(L.Callback):
+    """`budget_s`: stop after `seconds` of training time, evaluate and save as at a normal end.
+
+    Training time runs from the start of each training batch to the next evaluation: evaluations and the
+    checkpoints saved after them do not count, so the same budget buys the same training on a run that
+    evaluates often. The LR schedule follows the fraction of the budget used (WarmupCosineLR.follow). The
+    seconds used are kept in checkpoints: a resumed run spends what is left.
+    """
+
+    state_key = TIME_BUDGET_KEY  # checkpoints.seconds_trained reads the seconds used from here
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._used = 0.0  # training seconds before the running stretch
+        self._since: float | None = None  # start of the running stretch; None while paused
+
+    def seconds_used(self) -> float:
+        return self._used + (perf_counter() - self._since if self._since is not None else 0.0)
+
+    def fraction_used(self) -> float:
+        return min(1.0, self.seconds_used() / self.seconds)
+
+    def _pause(self) -> None:
+        self._used, self._since = self.seconds_used(), None
+
+    def on_train_start(self, trainer, pl_module):
+        for config in trainer.lr_scheduler_configs:
+            if hasattr(config.scheduler, "follow"):
+                config.scheduler.follow(self.fraction_used)
+        self._last_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._since is None:
+            self._since = perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self._last_step:
+            return  # mid-accumulation: the iteration is not finished yet
+        self._last_step = trainer.global_step
+        spent = self.seconds_used() >= self.seconds
+        if trainer.world_size > 1:
+            spent = trainer.strategy.reduce_boolean_decision(spent, all=False)  # all ranks stop together
+        if spent:
+            trainer.should_stop = True  # Lightning then evaluates once more and ends as at max_steps
+
+    def on_validation_start(self, trainer, pl_module):
+        self._pause()
+
+    def on_train_end(self, trainer, pl_module):
+        self._pause()
+
+    def state_dict(self):
+        return {"seconds_used": self.seconds_used()}
+
+    def load_state_dict(self, state_dict):
+        self._used = state_dict["seconds_used"]
+
+
+def time_budget(trainer: L.Trainer) -> TimeBudget | None:
+    return next((c for c in trainer.callbacks if isinstance(c, TimeBudget)), None)
 
 
 class RunSummary(L.Callback):
@@ -139,22 +215,22 @@ class RunSummary(L.Callback):
         n_params = pl_module.model.num_params(non_embedding=False)
         print_line(trainer, f"{n_params:,} parameters, {tokens:,} tokens per iteration, "
                             f"{pl_module.device.type} x {trainer.world_size}, run directory {trainer.default_root_dir}")
-        no_losses_yet = {tag: math.nan for tag in FINAL_LOSS_TAGS.values()}
+        none_yet = {tag: math.nan for tag in FINAL_TAGS.values()}
         for logger in trainer.loggers:
-            logger.log_hyperparams(pl_module.run_settings, metrics=no_losses_yet)
+            logger.log_hyperparams(pl_module.run_settings, metrics=none_yet)
 
     def on_train_end(self, trainer, pl_module):
-        self._log_final_losses(trainer)
+        self._log_final_metrics(trainer)
 
     def on_exception(self, trainer, pl_module, exception):
-        self._log_final_losses(trainer)
+        self._log_final_metrics(trainer)
 
     @staticmethod
-    def _log_final_losses(trainer: L.Trainer) -> None:
-        losses = {FINAL_LOSS_TAGS[split]: float(trainer.callback_metrics[tag])
-                  for split, tag in EVAL_LOSS_TAGS.items() if tag in trainer.callback_metrics}
+    def _log_final_metrics(trainer: L.Trainer) -> None:
+        final = {FINAL_TAGS[tag]: float(trainer.callback_metrics[tag])
+                 for tag in FINAL_TAGS if tag in trainer.callback_metrics}
         for logger in trainer.loggers:
-            logger.log_metrics(losses, step=trainer.global_step)
+            logger.log_metrics(final, step=trainer.global_step)
             logger.save()
 
 

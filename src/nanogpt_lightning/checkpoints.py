@@ -17,6 +17,7 @@ from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model import GPTConfig
 
 CHECKPOINT_KEY = "nanogpt_lightning"  # marks this project's checkpoints; holds what sampling needs
+TIME_BUDGET_KEY = "TimeBudget"  # callbacks.TimeBudget's state among a checkpoint's callback states
 # the model settings that give the weights their shapes; a resumed run must repeat them
 SHAPE_SETTINGS = ("n_layer", "n_head", "n_embd", "bias", "vocab_multiple")
 
@@ -106,11 +107,14 @@ def check_same_data(checkpoint: dict, data: dict, path: Path) -> None:
 
 def check_same_settings(checkpoint: dict, settings: dict, path: Path, may_change: tuple[str, ...]) -> None:
     """Refuse to resume with a setting that shapes the result changed: it would not apply (Lightning restores
-    the optimizer and schedule state) and the run's records would say it did."""
+    the optimizer and schedule state) and the run's records would say it did.
+
+    A setting the checkpoint does not know was added to the project after it was written, and has a default
+    that keeps the old behaviour: not compared (the model's shape is, by check_resumable)."""
     saved = checkpoint[CHECKPOINT_KEY].get("settings")
     if not saved:
         return
-    differ = [key for key in sorted(set(saved) | set(settings))
+    differ = [key for key in sorted(saved)
               if key not in may_change and saved.get(key) != settings.get(key)]
     if differ:
         changes = ", ".join(f"{key}={settings.get(key)} (checkpoint: {saved.get(key)})" for key in differ)
@@ -118,10 +122,16 @@ def check_same_settings(checkpoint: dict, settings: dict, path: Path, may_change
                         "checkpoint's settings, or start a new run (its weights cannot carry over)")
 
 
-def resume_path(spec: str | None, module, max_steps: int, allow_other_data: bool,
+def seconds_trained(checkpoint: dict) -> float:
+    """The seconds of training a time-budgeted run had used (callbacks.TimeBudget's state; 0 without a budget)."""
+    return checkpoint.get("callbacks", {}).get(TIME_BUDGET_KEY, {}).get("seconds_used", 0.0)
+
+
+def resume_path(spec: str | None, module, max_steps: int, budget_s: float | None, allow_other_data: bool,
                 may_change: tuple[str, ...]) -> Path | None:
     """The checkpoint file a `ckpt_path=` setting names, checked against the run about to start (`module`,
-    a GPTModule): same shapes and vocabulary, same data unless allowed, same settings, not already done."""
+    a GPTModule): same shapes and vocabulary, same data unless allowed, same settings, not already done
+    (its iterations, or under a time budget its seconds)."""
     if spec is None:
         return None
     path = resolve_checkpoint(spec, key="ckpt_path")
@@ -131,7 +141,12 @@ def resume_path(spec: str | None, module, max_steps: int, allow_other_data: bool
         check_same_data(checkpoint, module.data, path)
     check_same_settings(checkpoint, module.run_settings, path, may_change)
     step = checkpoint.get("global_step", 0)
-    if step >= max_steps:
+    if budget_s is not None:
+        used = seconds_trained(checkpoint)
+        if used >= budget_s:
+            raise UserError(f"the run of {path} is already complete: it trained {used:.1f}s of budget_s={budget_s:g}; "
+                            "pass a larger budget_s to train further")
+    elif step >= max_steps:
         raise UserError(f"the run of {path} is already complete: it reached iteration {step} of "
                         f"trainer.max_steps={max_steps}; pass a larger trainer.max_steps to train further")
     return path

@@ -28,7 +28,7 @@ from nanogpt_lightning.devices import pick_device
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model import GPT
 from nanogpt_lightning.sampling import find_checkpoint, load_checkpoint
-from nanogpt_lightning.tokenizer import CharTokenizer, Tokenizer, UnknownCharactersError, gpt2_encoding
+from nanogpt_lightning.tokenizer import Tokenizer, UnknownCharactersError
 
 WINDOWS = ("non-overlapping windows of block_size+1 = {n} tokens stepping by {block}: every token after the "
            "first predicted once, with the context since its window start")
@@ -48,14 +48,7 @@ class Measure:
 
 def token_bytes(tokenizer: Tokenizer, ids: np.ndarray) -> int:
     """The UTF-8 bytes of the tokens `ids` (each decoded alone: a BPE token may hold part of a character)."""
-    counts = np.bincount(ids)
-    present = np.flatnonzero(counts)
-    if isinstance(tokenizer, CharTokenizer):
-        lengths = [len(tokenizer.chars[i].encode("utf-8")) for i in present]
-    else:
-        encoding = gpt2_encoding()
-        lengths = [len(encoding.decode_single_token_bytes(int(i))) for i in present]
-    return int(np.dot(counts[present], lengths))
+    return int(np.asarray(tokenizer.byte_lengths(), dtype=np.int64)[ids].sum())
 
 
 @torch.no_grad()

@@ -13,21 +13,29 @@ from torch.optim.lr_scheduler import LambdaLR
 from nanogpt_lightning.callbacks import last_checkpoint, print_line
 from nanogpt_lightning.checkpoints import CHECKPOINT_KEY
 from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.metrics import EVAL_LOSS_TAGS, SPLITS
+from nanogpt_lightning.metrics import EVAL_BPB_TAGS, EVAL_LOSS_TAGS, SPLITS
 from nanogpt_lightning.model import GPT, GPTConfig
+from nanogpt_lightning.tokenizer import tokenizer_from_meta
 
 
 class WarmupCosineLR(LambdaLR):
-    """nanoGPT's schedule: linear warmup, cosine decay to `min_lr` at `lr_decay_iters`, then flat."""
+    """nanoGPT's schedule: linear warmup, cosine decay to `min_lr` at `lr_decay_iters`, then flat.
+
+    Under a time budget (callbacks.TimeBudget calls `follow`) the schedule runs on time instead: its position
+    is the fraction of the budget used times lr_decay_iters, so it ends at min_lr when the budget does.
+    """
 
     def __init__(self, optimizer, warmup_iters: int, lr_decay_iters: int, min_lr: float, decay_lr: bool = True):
         max_lr = optimizer.param_groups[0]["lr"]
         if decay_lr and not 0 <= warmup_iters < lr_decay_iters:
             raise ValueError("scheduler.warmup_iters must be >= 0 and below scheduler.lr_decay_iters")
+        self._fraction_used: Callable[[], float] | None = None
 
-        def lr_at(it: int) -> float:
+        def lr_at(it: float) -> float:
             if not decay_lr:
                 return max_lr
+            if self._fraction_used is not None:
+                it = self._fraction_used() * lr_decay_iters
             if it < warmup_iters:
                 return max_lr * (it + 1) / (warmup_iters + 1)
             if it > lr_decay_iters:
@@ -36,6 +44,15 @@ class WarmupCosineLR(LambdaLR):
             return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
 
         super().__init__(optimizer, lambda it: lr_at(it) / max_lr)
+
+    def follow(self, fraction_used: Callable[[], float]) -> None:
+        """Take the schedule's position from a time budget: `fraction_used()` in [0, 1]."""
+        self._fraction_used = fraction_used
+
+    def state_dict(self):
+        state = super().state_dict()
+        state.pop("_fraction_used", None)  # the clock belongs to the run, not to the checkpoint
+        return state
 
 
 class GPTModule(L.LightningModule):
@@ -64,6 +81,7 @@ class GPTModule(L.LightningModule):
         self.data = data or {}
         self.run_settings = run_settings or {}
         self.skipped_steps = 0
+        self._token_bytes = None  # UTF-8 bytes of each token id, on the device (for bits per byte)
         self._loss_finite = None  # all of this iteration's micro-batch losses finite, on the device
 
     def forward(self, idx, targets=None):
@@ -98,14 +116,27 @@ class GPTModule(L.LightningModule):
         for logger in self.trainer.loggers:
             logger.log_metrics({"train/skipped_steps": self.skipped_steps}, step=iteration)
 
+    def on_validation_start(self):
+        if self._token_bytes is None:
+            lengths = tokenizer_from_meta(self.tokenizer).byte_lengths()
+            self._token_bytes = torch.tensor(lengths, dtype=torch.float32, device=self.device)
+
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         x, y = batch
         _, loss = self.model(x, y)
+        split = SPLITS[dataloader_idx]
         # averaged over the evaluation for callbacks (checkpointing, printing); IterationLogger writes
         # it to the loggers at the iteration count, where Lightning's own step would be one behind;
         # with several processes, averaged over all of them too (reduced once, when the evaluation ends)
-        self.log(EVAL_LOSS_TAGS[SPLITS[dataloader_idx]], loss, on_epoch=True, add_dataloader_idx=False,
-                 batch_size=x.size(0), logger=False, sync_dist=self.trainer.world_size > 1)
+        sync = self.trainer.world_size > 1
+        self.log(EVAL_LOSS_TAGS[split], loss, on_epoch=True, add_dataloader_idx=False,
+                 batch_size=x.size(0), logger=False, sync_dist=sync)
+        # bits per byte of exactly these targets: weighting each batch's value by its bytes makes Lightning's
+        # mean sum(nats) / (ln 2 x sum(bytes)) over the whole evaluation
+        n_bytes = self._token_bytes[y].sum()
+        bits_per_byte = loss.detach() * y.numel() / (math.log(2) * n_bytes)
+        self.log(EVAL_BPB_TAGS[split], bits_per_byte, on_epoch=True, add_dataloader_idx=False,
+                 batch_size=int(n_bytes.item()), logger=False, sync_dist=sync)
 
     def configure_optimizers(self):
         optimizer = self.make_optimizer(self.model)

@@ -24,12 +24,12 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.metrics import EVAL_LOSS_TAGS, ITER_LOSS_TAG
+from nanogpt_lightning.metrics import EVAL_BPB_TAGS, EVAL_LOSS_TAGS, ITER_LOSS_TAG
 
 EVENTS_GLOB = "events.out.tfevents.*"
 NUMBER = r"([-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf))"
 ITER_LINE = re.compile(rf"iter (\d+): loss {NUMBER}")
-EVAL_LINE = re.compile(rf"step (\d+): train loss {NUMBER}, val loss {NUMBER}")
+EVAL_LINE = re.compile(rf"step (\d+): train loss {NUMBER}, val loss {NUMBER}(?:, val bpb {NUMBER})?")
 SMOOTHING_SPAN = 20  # the smoothed curve averages over about 1/SMOOTHING_SPAN of a run's logged points
 
 
@@ -45,16 +45,23 @@ class Series:
 
 @dataclass
 class LossCurves:
-    """One run's losses: per iteration (`iters`) and at evaluations (`evals["train"]`, `evals["val"]`)."""
+    """One run's losses: per iteration (`iters`) and at evaluations (`evals["train"]`, `evals["val"]`), and
+    the evaluations' val bits per byte (`val_bpb`; logs from before bits per byte have none)."""
 
     name: str
     iters: Series = field(default_factory=Series)
     evals: dict[str, Series] = field(default_factory=lambda: {split: Series() for split in EVAL_LOSS_TAGS})
+    val_bpb: Series = field(default_factory=Series)
     config: dict[str, object] = field(default_factory=dict)  # the run's flattened Hydra config, if any
 
     @property
     def final_val_loss(self) -> float:
         values = self.evals["val"].values
+        return values[-1] if values else math.nan
+
+    @property
+    def final_val_bpb(self) -> float:
+        values = self.val_bpb.values
         return values[-1] if values else math.nan
 
 
@@ -65,6 +72,8 @@ def curves_from_text(text: str, name: str) -> LossCurves:
     for match in EVAL_LINE.finditer(text):
         curves.evals["train"].add(int(match[1]), float(match[2]))
         curves.evals["val"].add(int(match[1]), float(match[3]))
+        if match[4] is not None:
+            curves.val_bpb.add(int(match[1]), float(match[4]))
     return curves
 
 
@@ -80,7 +89,8 @@ def curves_from_events(events_dir: Path, name: str) -> LossCurves:
         reader_log.setLevel(level)
     tags = set(accumulator.Tags()["scalars"])
     curves = LossCurves(name)
-    wanted = {ITER_LOSS_TAG: curves.iters} | {tag: curves.evals[split] for split, tag in EVAL_LOSS_TAGS.items()}
+    wanted = ({ITER_LOSS_TAG: curves.iters, EVAL_BPB_TAGS["val"]: curves.val_bpb}
+              | {tag: curves.evals[split] for split, tag in EVAL_LOSS_TAGS.items()})
     for tag, series in wanted.items():
         for event in accumulator.Scalars(tag) if tag in tags else ():
             series.add(event.step, event.value)
@@ -247,11 +257,13 @@ def shorten(name: str, width: int = 32) -> str:
 
 
 def sweep_table(curves: list[LossCurves]) -> str:
-    """Runs sorted by final val loss (runs with none last), with the hyperparameters that differ."""
+    """Runs sorted by final val loss (runs with none last), with their final val bits per byte and the
+    hyperparameters that differ."""
     keys = differing_keys(curves)
-    header = ["run", "val loss"] + list(short_names(keys).values())
+    header = ["run", "val loss", "val bpb"] + list(short_names(keys).values())
     ranked = sorted(curves, key=lambda c: (math.isnan(c.final_val_loss), c.final_val_loss))
-    rows = [[shorten(c.name), f"{c.final_val_loss:.4f}"] + [config_value(c, k) for k in keys] for c in ranked]
+    rows = [[shorten(c.name), f"{c.final_val_loss:.4f}", f"{c.final_val_bpb:.4f}"] + [config_value(c, k) for k in keys]
+            for c in ranked]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
 

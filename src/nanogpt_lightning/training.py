@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from nanogpt_lightning.callbacks import TimeBudget
 from nanogpt_lightning.checkpoints import resume_path
 from nanogpt_lightning.console import say
 from nanogpt_lightning.devices import pick_device
@@ -32,8 +33,8 @@ except ImportError:
 # the settings that shape a run's result (groups: all their keys); a resumed run must repeat them, except these
 RESULT_SETTINGS = ("data.tokenizer", "data.val_fraction", "data.block_size", "data.batch_size", "model", "module",
                    "optimizer", "scheduler", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
-                   "trainer.precision", "trainer.max_steps", "seed")
-RESUMABLE_CHANGES = ("trainer.max_steps",)  # a resumed run may train further
+                   "trainer.precision", "trainer.max_steps", "budget_s", "seed")
+RESUMABLE_CHANGES = ("trainer.max_steps", "budget_s")  # a resumed run may train further
 _ABSENT = object()
 
 
@@ -145,9 +146,14 @@ def train(cfg: DictConfig) -> float:
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     module = build_module(cfg, datamodule)
-    ckpt_path = resume_path(cfg.ckpt_path, module, cfg.trainer.max_steps, cfg.allow_other_data, RESUMABLE_CHANGES)
+    ckpt_path = resume_path(cfg.ckpt_path, module, cfg.trainer.max_steps, cfg.budget_s, cfg.allow_other_data,
+                            RESUMABLE_CHANGES)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    trainer = build_trainer(cfg, callbacks=callbacks, logger=instantiate(cfg.logger))
+    limits = {}
+    if cfg.budget_s is not None:  # the budget ends the run, not an iteration count
+        callbacks.append(TimeBudget(cfg.budget_s))
+        limits["max_steps"] = -1
+    trainer = build_trainer(cfg, callbacks=callbacks, logger=instantiate(cfg.logger), **limits)
     check_no_script_relaunch_in_sweep(trainer)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
