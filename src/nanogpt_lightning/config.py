@@ -162,6 +162,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "data.num_workers": integer(0),
     "data.eval_iters": integer(1, unit="batches"),
     "data.seed": SEED,
+    "model.init_from": text("gpt2", nullable=True),
     "model.n_layer": POSITIVE_INT,
     "model.n_head": POSITIVE_INT,
     "model.n_embd": POSITIVE_INT,
@@ -172,7 +173,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "model.rotary": BOOLEAN,
     "model.norm": choice("layernorm", "rmsnorm"),
     "model.qk_norm": BOOLEAN,
-    "model.mlp": choice("gelu", "relu2"),
+    "model.mlp": choice("gelu", "gelu_tanh", "relu2"),
     "model.tie_embeddings": BOOLEAN,
     "model.logit_softcap": number("30", nullable=True),
     "model.zero_init": BOOLEAN,
@@ -214,11 +215,22 @@ TRAIN_RULES: dict[str, Rule] = {
     "callbacks.model_checkpoint.save_last": BOOLEAN,
     "callbacks.model_checkpoint.enable_version_counter": BOOLEAN,
     "callbacks.model_checkpoint.auto_insert_metric_name": BOOLEAN,
+    "callbacks.last_checkpoint": Rule("a callback config with _target_, or null (no last.ckpt)", "null",
+                                      lambda v: isinstance(v, dict) and "_target_" in v, nullable=True),
     "callbacks.last_checkpoint.dirpath": text("DIR"),
     "logger.save_dir": text("DIR"),
-    "logger.name": text("tensorboard"),
+    "logger.name": text("tensorboard", nullable=True),
     "logger.version": one_of(text("v1"), integer(0), nullable=True),
     "logger.default_hp_metric": BOOLEAN,
+    "logger.project": text("nanogpt-lightning"),  # logger=wandb
+    "logger.offline": Rule("true or false", "true", lambda v: isinstance(v, bool), nullable=True),
+    "logger.tensorboard.save_dir": text("DIR"),  # logger=many: each logger's keys under its name
+    "logger.tensorboard.name": text("tensorboard", nullable=True),
+    "logger.tensorboard.version": one_of(text("v1"), integer(0), nullable=True),
+    "logger.tensorboard.default_hp_metric": BOOLEAN,
+    "logger.csv.save_dir": text("DIR"),
+    "logger.csv.name": text("csv", nullable=True),
+    "logger.csv.version": one_of(text("v1"), integer(0), nullable=True),
 }
 
 SAMPLE_RULES: dict[str, Rule] = {
@@ -240,6 +252,12 @@ EVAL_RULES: dict[str, Rule] = {
     "format": choice("text", "json"),
     "device": choice("auto", "cpu", "mps", "cuda"),
     "batch_size": integer(1, unit="windows"),
+}
+
+
+EXPORT_RULES: dict[str, Rule] = {
+    "ckpt": text("latest"),
+    "out": text("DIR"),
 }
 
 
@@ -318,6 +336,11 @@ def validate_train_config(cfg: DictConfig) -> None:
 def validate_sample_config(cfg: DictConfig) -> None:
     """Refuse the first bad setting of a sampling config (conf/sample.yaml)."""
     _check(cfg, SAMPLE_RULES)
+
+
+def validate_export_config(cfg: DictConfig) -> None:
+    """Refuse the first bad setting of an export config (conf/export.yaml)."""
+    _check(cfg, EXPORT_RULES)
 
 
 def validate_eval_config(cfg: DictConfig) -> None:

@@ -22,12 +22,12 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from nanogpt_lightning.checkpoints import CHECKPOINT_KEY, trained_on
+from nanogpt_lightning.checkpoints import CHECKPOINT_KEY
 from nanogpt_lightning.data import TOKEN_DTYPE, Source, damage, describe_data, identity_of, prepare_command
 from nanogpt_lightning.devices import pick_device
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model import GPT
-from nanogpt_lightning.sampling import find_checkpoint, load_checkpoint
+from nanogpt_lightning.sampling import describe_origin, load_model, title
 from nanogpt_lightning.tokenizer import Tokenizer, UnknownCharactersError
 
 WINDOWS = ("non-overlapping windows of block_size+1 = {n} tokens stepping by {block}: every token after the "
@@ -133,15 +133,15 @@ def evaluate(ckpt: str = "latest", split: str | None = None, text: str | None = 
     """Evaluate the checkpoint `ckpt` on a split of its own prepared data (`split`, val by default) or on the
     file `text`; print the result to `out` as lines or one JSON object (`format`) and return it."""
     torch_device = pick_device(device, "device")
-    path = find_checkpoint(ckpt)
-    model, tokenizer, checkpoint = load_checkpoint(path, torch_device)
+    model, tokenizer, checkpoint, path = load_model(ckpt, torch_device)
     data = checkpoint[CHECKPOINT_KEY].get("data")
     if text is not None:
         tokens, evaluated = text_tokens(text, tokenizer), f"text {text}"
     else:
         split = split or "val"
         if not data:
-            raise UserError(f"checkpoint {path} does not record its data (an older checkpoint); "
+            what = "pretrained weights" if checkpoint[CHECKPOINT_KEY].get("pretrained") else "an older checkpoint"
+            raise UserError(f"{title(path, checkpoint)} does not record the data it was trained on ({what}); "
                             "evaluate a text file with text=FILE")
         directory = find_prepared(data_dir, data, path)
         tokens = np.memmap(directory / f"{split}.bin", dtype=TOKEN_DTYPE, mode="r")
@@ -157,8 +157,8 @@ def evaluate(ckpt: str = "latest", split: str | None = None, text: str | None = 
         print(json.dumps(report), file=out)
     else:
         print("\n".join([
-            f"evaluating {path} (step {report['step']}) on {torch_device}",
-            f"trained on {trained_on(checkpoint)}",
+            f"evaluating {title(path, checkpoint)} on {torch_device}",
+            describe_origin(checkpoint),
             f"evaluated: {evaluated}, {report['windows']}",
             (f"loss {result.loss:.4f} nats per token, perplexity {result.perplexity:.3f}, "
              f"bits per byte {result.bits_per_byte:.4f}"),

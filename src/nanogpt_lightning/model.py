@@ -31,7 +31,7 @@ class GPTConfig:
     rotary: bool = False  # rotary position embeddings on q and k instead of the learned position table wpe
     norm: str = "layernorm"  # or "rmsnorm" (learned weight, no bias): ln_1, ln_2, ln_f
     qk_norm: bool = False  # RMS-normalise q and k per head (no weight) before attention (and before rotary)
-    mlp: str = "gelu"  # or "relu2": ReLU squared
+    mlp: str = "gelu"  # or "gelu_tanh": GELU's tanh approximation (OpenAI's GPT-2), or "relu2": ReLU squared
     tie_embeddings: bool = True  # False: the output layer lm_head is its own matrix, not the token embedding
     logit_softcap: float | None = None  # a number c > 0: logits = c * tanh(logits / c)
     zero_init: bool = False  # zero-initialise the output projections (c_proj) and an untied lm_head
@@ -63,7 +63,7 @@ class GPTConfig:
 
 
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "relu2")
+MLPS = ("gelu", "gelu_tanh", "relu2")
 ROTARY_BASE = 10000.0
 
 
@@ -151,13 +151,16 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.relu2 = config.mlp == "relu2"
+        self.kind = config.mlp
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         x = self.c_fc(x)
-        x = F.relu(x).square() if self.relu2 else F.gelu(x)
+        if self.kind == "relu2":
+            x = F.relu(x).square()
+        else:
+            x = F.gelu(x, approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.dropout(self.c_proj(x))
 
 

@@ -1,6 +1,7 @@
 """Load a checkpoint, generate text from a prompt and stream it (the body of scripts/sample.py).
 
-The checkpoint carries the model config and the tokenizer, so no dataset is needed.
+The checkpoint carries the model config and the tokenizer, so no dataset is needed. `ckpt=gpt2` (any
+`model.init_from` value: pretrained.py) samples from pretrained weights with GPT-2's tokenizer.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
@@ -18,6 +20,7 @@ from nanogpt_lightning.checkpoints import CHECKPOINT_KEY, read_checkpoint, resol
 from nanogpt_lightning.devices import pick_device
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model import GPT, GPTConfig
+from nanogpt_lightning.pretrained import is_pretrained, load_model as load_pretrained_model
 from nanogpt_lightning.tokenizer import Tokenizer, UnknownCharactersError, tokenizer_from_meta
 
 SEPARATOR = "---------------"  # printed after each sample, as nanoGPT does
@@ -36,6 +39,32 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[GPT, Tokenizer, d
     prefix = "model."
     model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
     return model.to(device).eval(), tokenizer_from_meta(meta["tokenizer"]), checkpoint
+
+
+def load_model(spec: str, device: torch.device) -> tuple[GPT, Tokenizer, dict, Path]:
+    """What `ckpt=spec` names: a checkpoint (see find_checkpoint) or pretrained weights (pretrained.is_pretrained).
+
+    Returns the model (eval mode, on `device`), its tokenizer, its checkpoint (for pretrained weights one that
+    holds their model config, tokenizer and name, `pretrained`) and its file (pretrained: their directory)."""
+    if spec != "latest" and is_pretrained(spec):
+        model, meta, pretrained = load_pretrained_model(spec, key="ckpt")
+        checkpoint = {CHECKPOINT_KEY: {"model_config": asdict(model.config), "tokenizer": meta, "pretrained": spec}}
+        return model.to(device), tokenizer_from_meta(meta), checkpoint, pretrained.directory
+    path = find_checkpoint(spec)
+    return *load_checkpoint(path, device), path
+
+
+def title(path: Path, checkpoint: dict) -> str:
+    """A model for messages: `PATH (step N)`, or `pretrained gpt2 (DIR)`."""
+    pretrained = checkpoint[CHECKPOINT_KEY].get("pretrained")
+    return f"pretrained {pretrained} ({path})" if pretrained else f"{path} (step {checkpoint.get('global_step', '?')})"
+
+
+def describe_origin(checkpoint: dict) -> str:
+    """`trained on ...` for a checkpoint; pretrained weights were trained elsewhere."""
+    if checkpoint[CHECKPOINT_KEY].get("pretrained"):
+        return "trained elsewhere (pretrained weights, not a checkpoint of this project)"
+    return f"trained on {trained_on(checkpoint)}"
 
 
 def read_prompt(prompt: str) -> str:
@@ -133,11 +162,10 @@ def sample(ckpt: str, prompt: str = "\n", num_samples: int = 10, max_new_tokens:
     """
     text = read_prompt(prompt)
     torch_device = pick_device(device, "device")
-    path = find_checkpoint(ckpt)
-    model, tokenizer, checkpoint = load_checkpoint(path, torch_device)
+    model, tokenizer, checkpoint, path = load_model(ckpt, torch_device)
     prompt_ids = encode_prompt(tokenizer, text)
-    print(f"sampling from {path} (step {checkpoint.get('global_step', '?')}) on {torch_device}", file=info)
-    print(f"trained on {trained_on(checkpoint)}", file=info)
+    print(f"sampling from {title(path, checkpoint)} on {torch_device}", file=info)
+    print(describe_origin(checkpoint), file=info)
 
     torch.manual_seed(seed)
     samples = []

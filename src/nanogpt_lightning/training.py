@@ -14,7 +14,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from nanogpt_lightning.callbacks import TimeBudget
 from nanogpt_lightning.checkpoints import resume_path
@@ -62,19 +62,51 @@ def run_settings(cfg: DictConfig) -> dict:
 
 
 def build_module(cfg: DictConfig, datamodule) -> GPTModule:
-    """The GPT sized by the data: block size and vocabulary come from the data module, never the config."""
+    """The GPT sized by the data: block size and vocabulary come from the data module, never the config.
+
+    With `model.init_from` the shape and the weights are GPT-2's (pretrained.py); the shape keys of
+    `cfg.model` are set to the weights' so the run's settings (HPARAMS, resume checks) tell what trained."""
+    model_settings = OmegaConf.to_container(cfg.model, resolve=True)
+    spec = model_settings.pop("init_from", None)
+    pretrained = None
     try:
-        model_config = instantiate(cfg.model)(block_size=datamodule.block_size, vocab_size=datamodule.vocab_size)
+        if spec is None:
+            model_config = instantiate(model_settings)(block_size=datamodule.block_size,
+                                                       vocab_size=datamodule.vocab_size)
+        else:
+            from nanogpt_lightning.pretrained import init_from
+
+            model_config, pretrained = init_from(spec, datamodule.meta["tokenizer"], datamodule.block_size,
+                                                 model_settings)
+            with open_dict(cfg.model):
+                for key in ("n_layer", "n_head", "n_embd", "bias", "vocab_multiple", "mlp"):
+                    cfg.model[key] = getattr(model_config, key)
     except ValueError as err:
         raise UserError(str(err)) from None
     module = instantiate(cfg.module)(model_config, datamodule.meta["tokenizer"],
                                      optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler),
                                      data=datamodule.identity, run_settings=run_settings(cfg))
+    if pretrained is not None:
+        from nanogpt_lightning.pretrained import load_weights
+
+        load_weights(module.model, pretrained, "model.init_from")
     try:
         module.configure_optimizers()  # a dry run: bad optimizer.* or scheduler.* settings fail here, not mid-fit
     except ValueError as err:
         raise UserError(str(err)) from None
     return module
+
+
+def build_loggers(logger_cfg: DictConfig | None):
+    """One logger (a config with `_target_`), or several (a config of named loggers: logger=many)."""
+    try:
+        if logger_cfg is None or "_target_" in logger_cfg:
+            return instantiate(logger_cfg)
+        return [instantiate(c) for c in logger_cfg.values() if c is not None]
+    except InstantiationException as err:
+        if isinstance(err.__cause__, UserError):  # e.g. logger=wandb without wandb installed: the one line
+            raise err.__cause__ from None
+        raise
 
 
 def build_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
@@ -148,12 +180,12 @@ def train(cfg: DictConfig) -> float:
     module = build_module(cfg, datamodule)
     ckpt_path = resume_path(cfg.ckpt_path, module, cfg.trainer.max_steps, cfg.budget_s, cfg.allow_other_data,
                             RESUMABLE_CHANGES)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]  # callbacks.NAME=null: left out
     limits = {}
     if cfg.budget_s is not None:  # the budget ends the run, not an iteration count
         callbacks.append(TimeBudget(cfg.budget_s))
         limits["max_steps"] = -1
-    trainer = build_trainer(cfg, callbacks=callbacks, logger=instantiate(cfg.logger), **limits)
+    trainer = build_trainer(cfg, callbacks=callbacks, logger=build_loggers(cfg.logger), **limits)
     check_no_script_relaunch_in_sweep(trainer)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
