@@ -217,7 +217,10 @@ class RunSummary(L.Callback):
                             f"{pl_module.device.type} x {trainer.world_size}, run directory {trainer.default_root_dir}")
         none_yet = {tag: math.nan for tag in FINAL_TAGS.values()}
         for logger in trainer.loggers:
-            logger.log_hyperparams(pl_module.run_settings, metrics=none_yet)
+            if isinstance(logger, TensorBoardLogger):  # its HPARAMS columns; other loggers take no metrics here
+                logger.log_hyperparams(pl_module.run_settings, metrics=none_yet)
+            else:
+                logger.log_hyperparams(pl_module.run_settings)
 
     def on_train_end(self, trainer, pl_module):
         self._log_final_metrics(trainer)
@@ -237,7 +240,8 @@ class RunSummary(L.Callback):
 class LossPlot(L.Callback):
     """Draw the run's losses into `<run dir>/loss.png` when training ends, also on an error or Ctrl+C.
 
-    Reads the events of the run's TensorBoard logger (its save_dir is the run directory).
+    Reads what the run's loggers wrote into the run directory (their save_dir, else the Trainer's root dir):
+    TensorBoard's events, else CSV logs, else the run's train.log (plotting.run_curves), so any loggers do.
     """
 
     def __init__(self, filename: str = "loss.png"):
@@ -250,15 +254,18 @@ class LossPlot(L.Callback):
         self._plot(trainer)
 
     def _plot(self, trainer: L.Trainer) -> None:
-        logger = trainer.logger
-        if not trainer.is_global_zero or not isinstance(logger, TensorBoardLogger):
+        if not trainer.is_global_zero:
             return
         # imported here: plotting imports this module, and matplotlib need not load before training
-        from nanogpt_lightning.plotting import curves_from_events, plot_curves
+        from nanogpt_lightning.plotting import plot_curves, run_curves
 
-        logger.experiment.flush()  # the events written so far, on disk
-        run_dir = Path(logger.save_dir)
-        curves = curves_from_events(Path(logger.log_dir), run_dir.name)
+        for logger in trainer.loggers:  # what was logged so far, on disk
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.flush()
+            logger.save()
+        save_dirs = [logger.save_dir for logger in trainer.loggers if logger.save_dir]
+        run_dir = Path(save_dirs[0] if save_dirs else trainer.default_root_dir)
+        curves = run_curves(run_dir)
         if curves.iters.steps or curves.evals["val"].steps:
             plot_curves([curves], run_dir / self.filename, title=run_dir.name)
 

@@ -1,11 +1,14 @@
-"""Loss curves from TensorBoard events or nanoGPT-style text logs, drawn into an image (PNG unless told otherwise).
+"""Loss curves from TensorBoard events, CSV logs or nanoGPT-style text logs, drawn into an image (PNG unless told
+otherwise).
 
-A run directory (or a sweep directory holding several) is read with TensorBoard's own event reader;
-a text log is parsed from its `iter N: loss X` and `step N: train loss X, val loss Y` lines.
+A run directory (or a sweep directory holding several) is read from what its loggers left: TensorBoard's events
+(with TensorBoard's own reader), else Lightning's CSVLogger's metrics.csv files, else its train.log (any logger,
+e.g. wandb alone); a text log is parsed from its `iter N: loss X` and `step N: train loss X, val loss Y` lines.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import os
@@ -27,6 +30,9 @@ from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.metrics import EVAL_BPB_TAGS, EVAL_LOSS_TAGS, ITER_LOSS_TAG
 
 EVENTS_GLOB = "events.out.tfevents.*"
+CSV_FILE = "metrics.csv"  # Lightning's CSVLogger: <save_dir>/<name>/version_N/metrics.csv
+CSV_PATTERNS = (CSV_FILE, f"*/{CSV_FILE}", f"*/version_*/{CSV_FILE}")  # where a run directory keeps them
+RUN_LOG_FILE = "train.log"  # the lines a run printed (conf/hydra/job_logging/run_log.yaml)
 NUMBER = r"([-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf))"
 ITER_LINE = re.compile(rf"iter (\d+): loss {NUMBER}")
 EVAL_LINE = re.compile(rf"step (\d+): train loss {NUMBER}, val loss {NUMBER}(?:, val bpb {NUMBER})?")
@@ -89,12 +95,34 @@ def curves_from_events(events_dir: Path, name: str) -> LossCurves:
         reader_log.setLevel(level)
     tags = set(accumulator.Tags()["scalars"])
     curves = LossCurves(name)
-    wanted = ({ITER_LOSS_TAG: curves.iters, EVAL_BPB_TAGS["val"]: curves.val_bpb}
-              | {tag: curves.evals[split] for split, tag in EVAL_LOSS_TAGS.items()})
-    for tag, series in wanted.items():
+    for tag, series in _loss_series(curves).items():
         for event in accumulator.Scalars(tag) if tag in tags else ():
             series.add(event.step, event.value)
     return curves
+
+
+def _loss_series(curves: LossCurves) -> dict[str, Series]:
+    """The series of `curves` each logged tag fills."""
+    return ({ITER_LOSS_TAG: curves.iters, EVAL_BPB_TAGS["val"]: curves.val_bpb}
+            | {tag: curves.evals[split] for split, tag in EVAL_LOSS_TAGS.items()})
+
+
+def curves_from_csv(files: list[Path], name: str) -> LossCurves:
+    """The loss columns of CSVLogger metrics files, in order (a resumed run adds a version directory)."""
+    curves = LossCurves(name)
+    wanted = _loss_series(curves)
+    for file in files:
+        with open(file, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                for tag, series in wanted.items():
+                    if row.get(tag) not in (None, ""):
+                        series.add(int(row["step"]), float(row[tag]))
+    return curves
+
+
+def _csv_files(run_dir: Path) -> list[Path]:
+    files = {f for pattern in CSV_PATTERNS for f in run_dir.glob(pattern)}
+    return sorted(files, key=lambda f: _natural_key(f.relative_to(run_dir)))  # version_2 before version_10
 
 
 def _flatten(node, prefix: str = "") -> dict[str, object]:
@@ -109,8 +137,17 @@ def _events_dir(run_dir: Path) -> Path:
 
 
 def run_curves(run_dir: Path) -> LossCurves:
-    """A run directory's losses, with its Hydra config (as composed, interpolations unresolved)."""
-    curves = curves_from_events(_events_dir(run_dir), run_dir.name)
+    """A run directory's losses, with its Hydra config (as composed, interpolations unresolved): from its
+    TensorBoard events, else its CSV logs, else its train.log."""
+    if any(_events_dir(run_dir).glob(EVENTS_GLOB)):
+        curves = curves_from_events(_events_dir(run_dir), run_dir.name)
+    elif csv_files := _csv_files(run_dir):
+        curves = curves_from_csv(csv_files, run_dir.name)
+    elif (run_dir / RUN_LOG_FILE).is_file():
+        curves = curves_from_text((run_dir / RUN_LOG_FILE).read_text(encoding="utf-8", errors="replace"),
+                                  run_dir.name)
+    else:
+        curves = LossCurves(run_dir.name)
     config_file = run_dir / ".hydra" / "config.yaml"
     if config_file.is_file():
         curves.config = _flatten(OmegaConf.to_container(OmegaConf.load(config_file), resolve=False))
@@ -118,17 +155,28 @@ def run_curves(run_dir: Path) -> LossCurves:
 
 
 def _natural_key(path: Path) -> list:
-    """Sort `2_x` before `10_x` (sweep jobs are numbered)."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+    """Sort `2_x` before `10_x` (sweep jobs are numbered; so are CSV log versions)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def _csv_run_dir(file: Path) -> Path:
+    """The run directory of a CSVLogger file: above `<name>/version_N/`, `<name>/`, or its own directory."""
+    if file.parent.name.startswith("version_"):
+        return file.parent.parent.parent
+    return file.parent if file.parent.name != "csv" else file.parent.parent
 
 
 def find_run_dirs(path: Path) -> list[Path]:
-    """`path` itself when it holds one run's events, else each run directory below it (a sweep)."""
-    if any(_events_dir(path).glob(EVENTS_GLOB)):
+    """`path` itself when it holds one run's logs, else each run directory below it (a sweep): those with
+    TensorBoard events or CSV logs, else those with a train.log."""
+    if any(_events_dir(path).glob(EVENTS_GLOB)) or _csv_files(path) or (path / RUN_LOG_FILE).is_file():
         return [path]
     runs = {p.parent.parent if p.parent.name == "tensorboard" else p.parent for p in path.rglob(EVENTS_GLOB)}
+    runs |= {_csv_run_dir(p) for p in path.rglob(CSV_FILE)}
+    runs = runs or {p.parent for p in path.rglob(RUN_LOG_FILE)}
     if not runs:
-        raise UserError(f"no TensorBoard events under {path}; pass a run or sweep directory, or a text log")
+        raise UserError(f"no TensorBoard events under {path} (nor CSV logs or a {RUN_LOG_FILE}); pass a run or "
+                        "sweep directory, or a text log")
     return sorted(runs, key=_natural_key)
 
 
