@@ -187,7 +187,7 @@ def test_invalid_shape_is_refused():
 
 @pytest.mark.parametrize("setting, message", [
     (dict(norm="batchnorm"), "model.norm must be one of layernorm, rmsnorm, got 'batchnorm'"),
-    (dict(mlp="swiglu"), "model.mlp must be one of gelu, relu2, got 'swiglu'"),
+    (dict(mlp="swiglu"), "model.mlp must be one of gelu, gelu_tanh, relu2, got 'swiglu'"),
     (dict(logit_softcap=0.0), "model.logit_softcap must be a positive number or null, got 0.0"),
     (dict(logit_softcap=-30), "model.logit_softcap must be a positive number or null, got -30"),
     (dict(logit_softcap=math.inf), "model.logit_softcap must be a positive number or null, got inf"),

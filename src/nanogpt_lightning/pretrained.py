@@ -16,6 +16,7 @@ import importlib.resources
 import json
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,13 +64,16 @@ def _from_hub(name: str, key: str) -> Path:
         return Path([hf_hub_download(name, f, local_files_only=True) for f in files][-1]).parent
     except LocalEntryNotFoundError:
         pass
-    say(f"{name} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}): downloading it from the hub")
+    say(f"{name} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}): downloading it from the hub",
+        file=sys.stderr)
     hub_log = logging.getLogger("huggingface_hub")
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)  # no retry notices: the one line below says what happened
     try:
         return Path([hf_hub_download(name, f) for f in files][-1]).parent
     except Exception as err:  # noqa: BLE001 - no network, offline mode, a proxy: all end the same way
+        while err.__cause__ or err.__context__:  # the root of it (no network: the connection's error)
+            err = err.__cause__ or err.__context__
         raise UserError(f"cannot get {key}={name}: it is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
                         f"and downloading it failed ({_one_line(err, 120)}); download it where there is network "
                         f"with `hf download {name} {' '.join(files)}` (older huggingface_hub: huggingface-cli "

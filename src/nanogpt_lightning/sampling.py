@@ -55,15 +55,17 @@ def load_model(spec: str, device: torch.device) -> tuple[GPT, Tokenizer, dict, P
 
 
 def title(path: Path, checkpoint: dict) -> str:
-    """A model for messages: `PATH (step N)`, or `pretrained gpt2 (DIR)`."""
+    """A model for messages: `PATH (step N)`, `pretrained gpt2 (DIR)`, or `pretrained DIR`."""
     pretrained = checkpoint[CHECKPOINT_KEY].get("pretrained")
-    return f"pretrained {pretrained} ({path})" if pretrained else f"{path} (step {checkpoint.get('global_step', '?')})"
+    if not pretrained:
+        return f"{path} (step {checkpoint.get('global_step', '?')})"
+    return f"pretrained {pretrained}" + (f" ({path})" if Path(pretrained).expanduser() != path else "")
 
 
 def describe_origin(checkpoint: dict) -> str:
     """`trained on ...` for a checkpoint; pretrained weights were trained elsewhere."""
     if checkpoint[CHECKPOINT_KEY].get("pretrained"):
-        return "trained elsewhere (pretrained weights, not a checkpoint of this project)"
+        return "trained on data not recorded (pretrained weights, not a checkpoint)"
     return f"trained on {trained_on(checkpoint)}"
 
 
