@@ -20,7 +20,8 @@ from nanogpt_lightning.checkpoints import CHECKPOINT_KEY, read_checkpoint, resol
 from nanogpt_lightning.devices import pick_device
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model import GPT, GPTConfig
-from nanogpt_lightning.pretrained import is_pretrained, load_model as load_pretrained_model
+from nanogpt_lightning.pretrained import is_pretrained
+from nanogpt_lightning.pretrained import load_model as load_pretrained_model
 from nanogpt_lightning.tokenizer import Tokenizer, UnknownCharactersError, tokenizer_from_meta
 
 SEPARATOR = "---------------"  # printed after each sample, as nanoGPT does
