@@ -39,7 +39,7 @@ from nanogpt_lightning.cpu_memory import OFF_SWITCH, tune_cpu_memory
 from nanogpt_lightning.devices import pick_device
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.fused_loss import matmul, onednn_in_use
-from nanogpt_lightning.training import build_datamodule, build_module, build_trainer
+from nanogpt_lightning.training import build_datamodule, build_loggers, build_module, build_trainer
 
 MATMULS_PER_TURN = 5
 VARIANTS = ("plain", "plain+tuned", "lightning", "lightning+fused")
@@ -245,8 +245,8 @@ def lightning_loop(cfg: DictConfig, clock: Clock) -> None:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [_LightningClock(clock)]
-    trainer = build_trainer(cfg, callbacks=callbacks, logger=instantiate(cfg.logger))
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [_LightningClock(clock)]
+    trainer = build_trainer(cfg, callbacks=callbacks, logger=build_loggers(cfg.logger))
     clock.start()
     trainer.fit(module, datamodule=datamodule)
 
