@@ -294,8 +294,9 @@ def _value(cfg: DictConfig, key: str) -> Any:
             return _ABSENT
         raise UserError(f"{key} cannot be resolved ({str(err).splitlines()[0]}), got {raw}; "
                         f"fix the interpolation or pass a value") from None
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, (DictConfig, ListConfig)):  # e.g. a callback's node: its own keys are checked one by one
+        only_in_a_run = not HydraConfig.initialized() and "${hydra:" in str(OmegaConf.to_container(value))
+        return OmegaConf.to_container(value, resolve=not only_in_a_run)
     return value
 
 
