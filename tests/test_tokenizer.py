@@ -46,3 +46,16 @@ def test_tokenizer_survives_its_metadata(kind, sonnets_text):
     again = tokenizer_from_meta(tok.to_meta())
     assert again.vocab_size == tok.vocab_size
     assert again.encode(sonnets_text[:200]) == tok.encode(sonnets_text[:200])
+
+
+@pytest.mark.parametrize("kind", ["char", "gpt2"])
+def test_byte_lengths_of_a_texts_tokens_add_up_to_its_utf8_bytes(kind):
+    """Bits per byte divides by these: each token's own bytes, even where BPE splits a character."""
+    text = "Ophélie: “Ω ≈ 4.2 €”, 日本語 — ok 🙂"
+    tokenizer = build_tokenizer(kind, text)
+    ids = tokenizer.encode(text)
+    lengths = tokenizer.byte_lengths()
+    assert len(lengths) == tokenizer.vocab_size
+    assert sum(lengths[i] for i in ids) == len(text.encode("utf-8")) > len(text)
+    if kind == "gpt2":
+        assert any(lengths[i] != len(tokenizer.decode([i]).encode("utf-8")) for i in ids)  # split characters

@@ -1,6 +1,7 @@
 """End to end: scripts/train.py on a small real text, as a user runs it."""
 
 import fcntl
+import math
 import os
 import pty
 import re
@@ -140,6 +141,7 @@ def test_hparams_hold_the_settings_that_shape_the_result_and_the_final_losses(fi
     assert events.Scalars("hp/final_train_loss")[-1].value == pytest.approx(final_train, abs=1e-4)
     assert events.Scalars("hp/final_val_bpb")[-1].value == pytest.approx(final_val_bpb, abs=1e-4)
     assert events.Scalars("val/bpb")[-1].value == pytest.approx(final_val_bpb, abs=1e-4)
+    assert final_val_bpb == pytest.approx(final_val / math.log(2), abs=2e-4)  # ASCII text, one byte per character
 
 
 def test_resume_continues_the_step_count(first_run):
