@@ -88,6 +88,14 @@ def test_default_chunks_stay_under_the_byte_budget_and_are_even():
     assert 2 * rows * row_bytes <= CHUNK_BYTES and -(-n_rows // rows) == -(-n_rows // (most // 2))
 
 
+def mm_left_shapes(monkeypatch) -> list:
+    """The shapes of the left operands of every torch.mm from now on (the logits matmul is one per chunk)."""
+    shapes = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: shapes.append(a[0].shape) or real_mm(*a, **k))
+    return shapes
+
+
 @pytest.mark.parametrize("softcap, grad, chunk", [(None, True, 4), (2.0, False, 4), (2.0, True, 2)],
                          ids=["uncapped", "softcap without grad", "softcap with grad"])
 def test_soft_capping_with_gradients_halves_the_default_chunk(monkeypatch, softcap, grad, chunk):
@@ -96,9 +104,7 @@ def test_soft_capping_with_gradients_halves_the_default_chunk(monkeypatch, softc
     hidden = torch.randn(12, 4, requires_grad=True)
     weight = torch.randn(10, 4, requires_grad=True)
     targets = torch.randint(0, 10, (12,))
-    matmuls = []
-    real_mm = torch.mm
-    monkeypatch.setattr(torch, "mm", lambda *a, **k: matmuls.append(a[0].shape) or real_mm(*a, **k))
+    matmuls = mm_left_shapes(monkeypatch)
     with torch.set_grad_enabled(grad):
         loss = fused_linear_cross_entropy(hidden, weight, targets, softcap=softcap)
     assert matmuls.count((chunk, 4)) == 12 // chunk  # the logits of each chunk
@@ -117,9 +123,7 @@ def test_no_gradient_work_without_grad(monkeypatch):
     hidden = torch.randn(6, 4, requires_grad=True)
     weight = torch.randn(9, 4, requires_grad=True)
     targets = torch.randint(0, 9, (6,))
-    matmuls = []
-    real_mm = torch.mm
-    monkeypatch.setattr(torch, "mm", lambda *a, **k: matmuls.append(a[0].shape) or real_mm(*a, **k))
+    matmuls = mm_left_shapes(monkeypatch)
     with torch.no_grad():
         loss = fused_linear_cross_entropy(hidden, weight, targets, chunk_rows=4)
     assert not loss.requires_grad and loss.grad_fn is None
