@@ -39,7 +39,8 @@ def run_script(script: str, *args: str, cwd: Path, check: bool = True,
     return result
 
 
-def fit_tiny(run: Path, max_steps: int, *callbacks, val_check_interval: int = 3, **trainer_kwargs):
+def fit_tiny(run: Path, max_steps: int, *callbacks, val_check_interval: int = 3, ckpt_path=None,
+             lr: float = 1e-3, lr_decay_iters: int = 10, **trainer_kwargs):
     """Train a tiny GPT on the sonnets in this process (no script start-up); returns the trainer."""
     from functools import partial
 
@@ -54,13 +55,14 @@ def fit_tiny(run: Path, max_steps: int, *callbacks, val_check_interval: int = 3,
                           batch_size=2, eval_iters=1)
     data.prepare_data()
     module = GPTModule(GPTConfig(block_size=8, vocab_size=data.vocab_size, n_layer=1, n_head=1, n_embd=8),
-                       data.meta["tokenizer"], optimizer=partial(adamw, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99)),
-                       scheduler=partial(WarmupCosineLR, warmup_iters=1, lr_decay_iters=10, min_lr=1e-4))
+                       data.meta["tokenizer"], optimizer=partial(adamw, lr=lr, weight_decay=0.0, betas=(0.9, 0.99)),
+                       scheduler=partial(WarmupCosineLR, warmup_iters=1, lr_decay_iters=lr_decay_iters,
+                                         min_lr=1e-4))
     trainer = L.Trainer(**{"logger": False, **trainer_kwargs}, max_steps=max_steps, max_epochs=-1,
                         val_check_interval=val_check_interval, check_val_every_n_epoch=None, num_sanity_val_steps=0,
                         accelerator="cpu", devices=1, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=list(callbacks))
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return trainer
 
 

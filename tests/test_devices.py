@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nanogpt_lightning.devices import available_devices, pick_device
+from nanogpt_lightning.devices import auto_precision, available_devices, check_precision, pick_device
 from nanogpt_lightning.errors import UserError
 
 
@@ -75,3 +75,48 @@ def test_unknown_name_lists_the_valid_ones(machine, name):
     with pytest.raises(UserError) as err:
         pick_device(name, "device")
     assert str(err.value) == f"device must be one of auto, gpu, cuda, mps, cpu, got {name!r}"
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), "32-true"), ((8, 0), "bf16-mixed"), ((9, 0), "bf16-mixed")],
+                         ids=["T4", "A100", "H100"])
+def test_auto_precision_on_cuda_follows_the_compute_capability(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert auto_precision(torch.device("cuda")) == expected
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [
+    (True, True, "bf16-mixed"),    # Intel Xeon 4th gen+
+    (False, True, "bf16-mixed"),   # AMD Zen 4
+    (False, False, "32-true"),     # AVX2-only EPYC, older Xeons, Apple silicon's CPU
+])
+def test_auto_precision_on_cpu_follows_its_bfloat16_units(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert auto_precision(torch.device("cpu")) == expected
+
+
+def test_auto_precision_on_a_cpu_whose_pytorch_cannot_tell_is_float32(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert auto_precision(torch.device("cpu")) == "32-true"
+
+
+@pytest.mark.parametrize("sonoma, expected", [(True, "bf16-mixed"), (False, "32-true")])
+def test_auto_precision_on_mps_needs_macos_14(monkeypatch, sonoma, expected):
+    asked = []
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer",
+                        lambda major, minor: asked.append((major, minor)) or sonoma)
+    assert auto_precision(torch.device("mps")) == expected
+    assert asked == [(14, 0)]
+
+
+def test_precisions_the_device_lacks_are_one_line(monkeypatch):
+    with pytest.raises(UserError) as err:
+        check_precision("16-mixed", torch.device("cpu"), "trainer.precision")
+    assert str(err.value) == ("trainer.precision=16-mixed (float16 with loss scaling) needs cuda or mps; "
+                              "on cpu pass trainer.precision=bf16-mixed or trainer.precision=auto")
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: False)
+    with pytest.raises(UserError, match="bf16-mixed needs macOS 14 or newer on mps"):
+        check_precision("bf16-mixed", torch.device("mps"), "trainer.precision")
+    for precision, device in (("bf16-mixed", "cpu"), ("16-mixed", "cuda"), ("16-mixed", "mps"), ("32-true", "cpu")):
+        check_precision(precision, torch.device(device), "trainer.precision")  # accepted

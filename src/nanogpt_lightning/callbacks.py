@@ -202,8 +202,8 @@ def time_budget(trainer: L.Trainer) -> TimeBudget | None:
 class RunSummary(L.Callback):
     """What a run is, for the user and for TensorBoard.
 
-    At the start: the data it trains on, and one line with the model size, tokens per iteration, device and
-    run directory; and the HPARAMS row of the settings that shape the result (`pl_module.run_settings`),
+    At the start: the data it trains on, and one line with the model size, tokens per iteration, device, precision
+    and run directory; and the HPARAMS row of the settings that shape the result (`pl_module.run_settings`),
     written while the logger is open. When training ends, whatever ends it: the final evaluation losses in
     that row's columns.
     """
@@ -213,8 +213,8 @@ class RunSummary(L.Callback):
         tokens = data.batch_size * data.block_size * trainer.accumulate_grad_batches * trainer.world_size
         print_line(trainer, f"data: {describe_data(data.identity)} in {data.prepared_dir}")
         n_params = pl_module.model.num_params(non_embedding=False)
-        print_line(trainer, f"{n_params:,} parameters, {tokens:,} tokens per iteration, "
-                            f"{pl_module.device.type} x {trainer.world_size}, run directory {trainer.default_root_dir}")
+        print_line(trainer, f"{n_params:,} parameters, {tokens:,} tokens per iteration, {pl_module.device.type} x "
+                            f"{trainer.world_size} in {trainer.precision}, run directory {trainer.default_root_dir}")
         none_yet = {tag: math.nan for tag in FINAL_TAGS.values()}
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):  # its HPARAMS columns; other loggers take no metrics here

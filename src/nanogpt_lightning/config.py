@@ -136,8 +136,10 @@ DEVICE_INDICES = Rule("a list of device indices", "[0]",
                       lambda v: isinstance(v, list) and bool(v) and all(_is_int(i) and i >= 0 for i in v))
 TARGETS = Rule("a list of configs with _target_", "[]",
                 lambda v: isinstance(v, list) and all(isinstance(c, dict) and "_target_" in c for c in v))
-# Lightning's precisions less the plugin-only ones (transformer-engine); YAML reads `32` as an int
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "64", "bf16")
+# Lightning's precisions less the plugin-only ones (transformer-engine), and `auto` (devices.auto_precision);
+# YAML reads `32` as an int
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "auto", "bf16-true", "16-true", "64-true", "32", "16", "64",
+              "bf16")
 PRECISION = Rule("one of " + ", ".join(PRECISIONS), PRECISIONS[0],
                  lambda v: (isinstance(v, str) or _is_int(v)) and str(v) in PRECISIONS)
 

@@ -30,3 +30,40 @@ def pick_device(name: str, key: str) -> torch.device:
         listed = ["cpu", *available[:-1]]  # what every machine has first, then the rest best first
         raise UserError(f"{key}={name} is not available here; available: {', '.join(listed)} (or {key}=auto)")
     return torch.device(chosen)
+
+
+def cpu_has_bfloat16_units() -> bool:
+    """AMX (Intel Xeon 4th gen and later) or AVX512-BF16 (e.g. AMD Zen 4): bfloat16 matmuls run faster than
+    float32 ones there (2-7x measured, docs/performance.md). Asked of PyTorch's own CPU feature check,
+    private to it: where that is missing, the answer is no and runs stay in float32."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(check is not None and check() for check in checks)
+
+
+def mps_has_bfloat16() -> bool:
+    """PyTorch computes bfloat16 on Apple GPUs from macOS 14 (Sonoma)."""
+    is_macos_or_newer = getattr(torch.backends.mps, "is_macos_or_newer", None)
+    return is_macos_or_newer is not None and is_macos_or_newer(14, 0)
+
+
+def computes_bfloat16_fast(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)  # Ampere and later
+    if device.type == "mps":
+        return mps_has_bfloat16()
+    return device.type == "cpu" and cpu_has_bfloat16_units()
+
+
+def auto_precision(device: torch.device) -> str:
+    """What trainer.precision=auto (and sample.py's precision=auto) means on `device`: bfloat16 mixed
+    precision where the device computes bfloat16 fast, else float32."""
+    return "bf16-mixed" if computes_bfloat16_fast(device) else "32-true"
+
+
+def check_precision(precision: str, device: torch.device, key: str) -> None:
+    """Refuse a precision the device lacks, in one line (Lightning would quietly swap 16-mixed for bf16 on cpu)."""
+    if precision in ("16-mixed", "16") and device.type == "cpu":
+        raise UserError(f"{key}={precision} (float16 with loss scaling) needs cuda or mps; "
+                        f"on cpu pass {key}=bf16-mixed or {key}=auto")
+    if precision in ("bf16-mixed", "bf16") and device.type == "mps" and not mps_has_bfloat16():
+        raise UserError(f"{key}={precision} needs macOS 14 or newer on mps; pass {key}=16-mixed or {key}=32-true")

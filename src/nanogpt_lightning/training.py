@@ -19,7 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from nanogpt_lightning.callbacks import TimeBudget
 from nanogpt_lightning.checkpoints import resume_path
 from nanogpt_lightning.console import say
-from nanogpt_lightning.devices import pick_device
+from nanogpt_lightning.devices import auto_precision, check_precision, pick_device
 from nanogpt_lightning.errors import TrainingInterrupted, UserError
 from nanogpt_lightning.metrics import EVAL_LOSS_TAGS
 from nanogpt_lightning.module import GPTModule
@@ -36,6 +36,16 @@ RESULT_SETTINGS = ("data.tokenizer", "data.val_fraction", "data.block_size", "da
                    "trainer.precision", "trainer.max_steps", "budget_s", "seed")
 RESUMABLE_CHANGES = ("trainer.max_steps", "budget_s")  # a resumed run may train further
 _ABSENT = object()
+
+
+def resolve_precision(cfg: DictConfig) -> None:
+    """Set trainer.precision=auto to what it means on the run's device (bfloat16 mixed where the device
+    computes it fast, devices.auto_precision); refuse a precision the device lacks. The run's settings
+    (HPARAMS, resume checks) then record the precision that trained."""
+    device = pick_device(cfg.trainer.accelerator, key="trainer.accelerator")
+    if str(cfg.trainer.precision) == "auto":
+        cfg.trainer.precision = auto_precision(device)
+    check_precision(str(cfg.trainer.precision), device, "trainer.precision")
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
@@ -175,6 +185,7 @@ def train(cfg: DictConfig) -> float:
     if HydraConfig.get().mode == RunMode.MULTIRUN and is_first_process():
         check_fresh_run_dir(Path(HydraConfig.get().runtime.output_dir).absolute(), cfg.ckpt_path, "hydra.sweep.dir")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    resolve_precision(cfg)
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     module = build_module(cfg, datamodule)
