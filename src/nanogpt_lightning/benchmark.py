@@ -6,9 +6,14 @@
 3. `lightning`: the real Trainer of the composed config (all callbacks, TensorBoard logger), fused loss off.
 4. `lightning+fused`: the same with the fused output layer + loss on.
 
+`--precisions` adds a dimension: in each low precision (bf16-mixed, 16-mixed; by default the one
+`trainer.precision=auto` picks here, if not float32) `plain` runs under autocast as nanoGPT does on a GPU, and
+`lightning+fused` runs with trainer.precision set to it. Each row's GFLOP/s is set against its own
+precision's matmul peak.
+
 Each variant runs in its own process, but only one at a time: after `warmup` iterations, then after each
-`steps` more, it hands over to the next one, so machine noise falls on all variants alike. A fp32
-matmul takes its turn too, giving the machine's peak under the same conditions. Processes, not threads:
+`steps` more, it hands over to the next one, so machine noise falls on all variants alike. Matmuls
+take their turn too (fp32, and each low precision), giving the machine's peaks under the same conditions. Processes, not threads:
 each variant keeps its own memory allocator and its own memory figure, as it would when training."""
 
 from __future__ import annotations
@@ -36,13 +41,16 @@ from omegaconf import DictConfig
 
 from nanogpt_lightning.config import compose_train_config
 from nanogpt_lightning.cpu_memory import OFF_SWITCH, tune_cpu_memory
-from nanogpt_lightning.devices import pick_device
+from nanogpt_lightning.devices import auto_precision, check_precision, pick_device
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.fused_loss import matmul, onednn_in_use
 from nanogpt_lightning.training import build_datamodule, build_loggers, build_module, build_trainer
 
 MATMULS_PER_TURN = 5
 VARIANTS = ("plain", "plain+tuned", "lightning", "lightning+fused")
+LOW_PRECISION_VARIANTS = ("plain", "lightning+fused")  # the reference and ours, in each low precision
+LOW_PRECISIONS = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+FLOAT32 = "32-true"
 # environment of each variant's process: nanoGPT's loop as people run it, without the CPU memory settings
 # (nor the huge-page switch that this process's tune_cpu_memory put in its environment); the others
 # inherit this process's environment, as scripts/train.py runs (each applies tune_cpu_memory itself)
@@ -199,8 +207,13 @@ class _LightningClock(L.Callback):
             self.clock.tick()
 
 
+def participant_name(variant: str, precision: str) -> str:
+    return variant if precision == FLOAT32 else f"{variant} {precision}"
+
+
 def plain_pytorch_loop(cfg: DictConfig, device: torch.device, iterations: int, clock: Clock) -> None:
-    """nanoGPT's train.py loop, on the project's GPT with `F.cross_entropy` on the full logits."""
+    """nanoGPT's train.py loop, on the project's GPT with `F.cross_entropy` on the full logits; in a low
+    precision under autocast, with a gradient scaler for float16 (nanoGPT's `ctx` and `scaler`)."""
     datamodule = build_datamodule(cfg)
     L.seed_everything(cfg.seed, verbose=False)
     model = build_module(cfg, datamodule).model.to(device)
@@ -210,6 +223,9 @@ def plain_pytorch_loop(cfg: DictConfig, device: torch.device, iterations: int, c
     optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.optimizer.weight_decay), lr=cfg.optimizer.lr,
                                   betas=tuple(cfg.optimizer.betas), fused=device.type == "cuda")
     scheduler = instantiate(cfg.scheduler)(optimizer)  # sets the learning rate of each iteration
+    low = LOW_PRECISIONS.get(str(cfg.trainer.precision))
+    autocast = torch.autocast(device.type, dtype=low) if low is not None else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=low == torch.float16)
 
     def get_batch():
         # nanoGPT recreates the memmap every batch to avoid a memory leak
@@ -226,13 +242,16 @@ def plain_pytorch_loop(cfg: DictConfig, device: torch.device, iterations: int, c
     x, y = get_batch()
     for iteration in range(iterations):
         for _ in range(accumulation):
-            _, loss = model(x, y)
+            with autocast:
+                _, loss = model(x, y)
             loss = loss / accumulation
             x, y = get_batch()
-            loss.backward()
+            scaler.scale(loss).backward()
         if cfg.trainer.gradient_clip_val:
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if iteration % cfg.log_interval == 0:  # nanoGPT's log line (its output goes to os.devnull here)
@@ -251,17 +270,19 @@ def lightning_loop(cfg: DictConfig, clock: Clock) -> None:
     trainer.fit(module, datamodule=datamodule)
 
 
-def matmul_peak(device: torch.device, turns: int, clock: Clock) -> None:
-    """Square fp32 matmuls, two bursts per turn: torch.mm's library (MKL on x86 CPUs), then the fused
-    loss's (oneDNN there, see fused_loss.matmul); the best burst is the machine's peak."""
+def matmul_peak(device: torch.device, low_dtypes: list[torch.dtype], turns: int, clock: Clock) -> None:
+    """Square matmuls, bursts in turn: fp32 through torch.mm's library (MKL on x86 CPUs), fp32 through the
+    fused loss's (oneDNN there, see fused_loss.matmul), then torch.mm in each low precision; each kind's best
+    burst is the machine's peak for it."""
     n = matmul_size(device)
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    bursts = [(torch.mm, a, b), (matmul, a, b)] + [(torch.mm, a.to(dtype), b.to(dtype)) for dtype in low_dtypes]
     clock.start()
     clock.begin_iterations()
     for _ in range(turns):
-        for product in (torch.mm, matmul):
+        for product, left, right in bursts:
             for _ in range(MATMULS_PER_TURN):
-                product(a, b)
+                product(left, right)
             clock.tick()
 
 
@@ -269,12 +290,27 @@ def matmul_flops(device: torch.device) -> float:
     return MATMULS_PER_TURN * 2 * matmul_size(device) ** 3
 
 
-def variant_config(cfg: DictConfig, fused_loss: bool, max_steps: int, accelerator: str) -> DictConfig:
+def variant_config(cfg: DictConfig, fused_loss: bool, max_steps: int, accelerator: str,
+                   precision: str = FLOAT32) -> DictConfig:
     cfg = cfg.copy()
     cfg.model.fused_loss = fused_loss
     cfg.trainer.max_steps = max_steps
     cfg.trainer.accelerator = accelerator
+    cfg.trainer.precision = precision
     return cfg
+
+
+def bench_precisions(wanted: str, device: torch.device) -> list[str]:
+    """32-true first, then the low precisions asked for (`auto`: what trainer.precision=auto picks here)."""
+    precisions = [FLOAT32]
+    for name in filter(None, (part.strip() for part in wanted.split(","))):
+        name = auto_precision(device) if name == "auto" else name
+        if name != FLOAT32 and name not in LOW_PRECISIONS:
+            raise UserError(f"--precisions takes 32-true, {', '.join(LOW_PRECISIONS)} or auto, got {name!r}")
+        check_precision(name, device, "--precisions")
+        if name not in precisions:
+            precisions.append(name)
+    return precisions
 
 
 # kinds of a participant's error, the most telling first: the one reported when several fail
@@ -305,8 +341,9 @@ def _silence_output() -> None:
     os.close(devnull)
 
 
-def _participant(name: str, index: int, overrides: list[str], output_dir: str, warmup: int, rounds: int,
-                 steps: int, turns: Turns, results) -> None:
+def _participant(name: str, variant: str, precision: str, index: int, overrides: list[str], output_dir: str,
+                 low_dtypes: list[torch.dtype], warmup: int, rounds: int, steps: int, turns: Turns,
+                 results) -> None:
     """One participant's process: build it, take its turns, send back (name, times, peak memory, error)."""
     try:
         _silence_output()
@@ -316,14 +353,15 @@ def _participant(name: str, index: int, overrides: list[str], output_dir: str, w
         tune_cpu_memory()
         cfg = compose_train_config(overrides, output_dir)
         device = pick_device(cfg.trainer.accelerator, "trainer.accelerator")
-        if name == "matmul":
-            clock = Clock(index, turns, [2] * (rounds + 1), device, None)
-            matmul_peak(device, rounds + 1, clock)
+        if variant == "matmul":
+            bursts = 2 + len(low_dtypes)
+            clock = Clock(index, turns, [bursts] * (rounds + 1), device, None)
+            matmul_peak(device, low_dtypes, rounds + 1, clock)
         else:
             clock = Clock(index, turns, [warmup] + [steps] * rounds, device, TrainingMemory(device))
             iterations = warmup + rounds * steps
-            config = variant_config(cfg, name == "lightning+fused", iterations, device.type)
-            if name.startswith("plain"):
+            config = variant_config(cfg, variant == "lightning+fused", iterations, device.type, precision)
+            if variant.startswith("plain"):
                 plain_pytorch_loop(config, device, iterations, clock)
             else:
                 lightning_loop(config, clock)
@@ -355,29 +393,36 @@ def _collect(results, processes) -> list[tuple]:
     return outcomes
 
 
-def run(overrides: list[str], warmup: int, rounds: int, steps: int) -> dict[str, tuple[list[float], int | None]]:
+def run(overrides: list[str], warmup: int, rounds: int, steps: int,
+        precisions: str = "auto") -> dict[str, tuple[list[float], int | None]]:
     """Returns each participant's seconds per timed iteration and peak memory."""
     if warmup < 1 or rounds < 1 or steps < 1:
         raise UserError("need --warmup, --rounds and --steps >= 1")
     output_dir = tempfile.mkdtemp(prefix="nanogpt-bench-")
     cfg = compose_train_config(overrides, output_dir)
     if str(cfg.trainer.precision) not in ("32-true", "32"):
-        raise UserError("bench.py compares fp32 loops; leave trainer.precision at 32-true")
+        raise UserError("bench.py sets each loop's precision itself; choose them with --precisions, "
+                        "not trainer.precision")
     device = pick_device(cfg.trainer.accelerator, "trainer.accelerator")
+    precisions = bench_precisions(precisions, device)
+    low_dtypes = [LOW_PRECISIONS[p] for p in precisions[1:]]
     build_datamodule(cfg).prepare_data()
-    participants = ("matmul", *VARIANTS)
+    participants = [("matmul", "matmul", FLOAT32)] + [
+        (participant_name(variant, precision), variant, precision)
+        for precision in precisions for variant in (VARIANTS if precision == FLOAT32 else LOW_PRECISION_VARIANTS)]
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no thread pools carried over
     turns = Turns(len(participants), context)
     results = context.Queue()
     # not daemons: a Lightning variant may start DataLoader worker processes of its own
     processes = [
         context.Process(target=_participant, name=name,
-                        args=(name, i, overrides, output_dir, warmup, rounds, steps, turns, results))
-        for i, name in enumerate(participants)
+                        args=(name, variant, precision, i, overrides, output_dir, low_dtypes, warmup, rounds,
+                              steps, turns, results))
+        for i, (name, variant, precision) in enumerate(participants)
     ]
     try:
-        for process in processes:
-            with _environment(ENVIRONMENT.get(process.name, {})):
+        for process, (_, variant, _) in zip(processes, participants):
+            with _environment(ENVIRONMENT.get(variant, {})):
                 process.start()
         outcomes = _collect(results, processes)
     except BaseException:  # Ctrl+C, or a participant died: the others would wait for their turns forever
@@ -394,43 +439,56 @@ def run(overrides: list[str], warmup: int, rounds: int, steps: int) -> dict[str,
         kind, message = errors[0]
         raise UserError(message) if kind == USER_ERROR else RuntimeError(f"a bench process failed:\n{message}")
     measured = {name: (times, peak) for name, times, peak, _ in outcomes}
-    report(cfg, device, measured, TrainingMemory(device).method, output_dir)
+    report(cfg, device, precisions, measured, TrainingMemory(device).method, output_dir)
     return measured
 
 
-def report(cfg: DictConfig, device: torch.device, measured: dict[str, tuple[list[float], int | None]],
-           memory_method: str | None, output_dir: str) -> None:
+def report(cfg: DictConfig, device: torch.device, precisions: list[str],
+           measured: dict[str, tuple[list[float], int | None]], memory_method: str | None, output_dir: str) -> None:
     datamodule = build_datamodule(cfg)
     tokens = datamodule.batch_size * datamodule.block_size * cfg.trainer.accumulate_grad_batches
     model = build_module(variant_config(cfg, True, 1, device.type), datamodule).model
     flops = model.flops_per_token() * tokens
     matmul_times, _ = measured["matmul"]
-    # bursts alternate: torch.mm, then the fused loss's matmul
-    mm_peak, fused_peak = (max(matmul_flops(device) / t for t in matmul_times[i::2]) for i in (0, 1))
-    peak = max(mm_peak, fused_peak)
+    # bursts in turn: fp32 torch.mm, fp32 through the fused loss's matmul, then each low precision
+    n_kinds = 1 + len(precisions)
+    mm_peak, fused_peak, *low_peaks = (max(matmul_flops(device) / t for t in matmul_times[i::n_kinds])
+                                       for i in range(n_kinds))
+    peaks = dict(zip(precisions, [max(mm_peak, fused_peak), *low_peaks]))
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"\n== bench on {device.type}{threads}: {tokens} tokens/iteration "
           f"({datamodule.batch_size} x {datamodule.block_size} x {cfg.trainer.accumulate_grad_batches} "
           f"micro-batches), {model.num_params() / 1e6:.2f}M params, {flops / 1e9:.2f} GFLOP/iteration")
     fused_library = "oneDNN" if onednn_in_use(device, torch.float32) else "torch.mm again"
-    print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (best of {len(matmul_times)} bursts of {MATMULS_PER_TURN} "
+    bursts = len(matmul_times) // n_kinds
+    print(f"fp32 matmul peak: {peaks[FLOAT32] / 1e9:.1f} GFLOP/s (best of {bursts} bursts of {MATMULS_PER_TURN} "
           f"{matmul_size(device)}^2 matmuls, interleaved: torch.mm {mm_peak / 1e9:.1f}, "
           f"{fused_library} {fused_peak / 1e9:.1f})")
-    print(f"{'variant':<16} {'ms/iter':>9} {'p25-p75 ms':>15} {'n':>4} {'tokens/s':>9} {'GFLOP/s':>8} "
+    for precision in precisions[1:]:
+        print(f"{precision} matmul peak: {peaks[precision] / 1e9:.1f} GFLOP/s (torch.mm in "
+              f"{str(LOW_PRECISIONS[precision]).removeprefix('torch.')}, interleaved with the above)")
+    width = max(len(name) for name in measured) + 1
+    print(f"{'variant':<{width}} {'ms/iter':>9} {'p25-p75 ms':>15} {'n':>4} {'tokens/s':>9} {'GFLOP/s':>8} "
           f"{'% peak':>7} {'peak MB':>8}")
     medians = {}
-    for name in VARIANTS:
-        times, mem = measured[name]
-        times = sorted(times)
-        medians[name] = median = statistics.median(times)
-        q25, q75 = times[len(times) // 4], times[(3 * len(times)) // 4]
-        mem_text = f"{mem / 2**20:.1f}" if mem is not None else "n/a"
-        print(f"{name:<16} {1000 * median:>9.1f} {f'{1000 * q25:.1f}-{1000 * q75:.1f}':>15} {len(times):>4} "
-              f"{tokens / median:>9.0f} {flops / median / 1e9:>8.3g} {100 * flops / median / peak:>6.3g}% "
-              f"{mem_text:>8}")
+    for precision in precisions:
+        for variant in VARIANTS if precision == FLOAT32 else LOW_PRECISION_VARIANTS:
+            name = participant_name(variant, precision)
+            times, mem = measured[name]
+            times = sorted(times)
+            medians[name] = median = statistics.median(times)
+            q25, q75 = times[len(times) // 4], times[(3 * len(times)) // 4]
+            mem_text = f"{mem / 2**20:.1f}" if mem is not None else "n/a"
+            print(f"{name:<{width}} {1000 * median:>9.1f} {f'{1000 * q25:.1f}-{1000 * q75:.1f}':>15} "
+                  f"{len(times):>4} {tokens / median:>9.0f} {flops / median / 1e9:>8.3g} "
+                  f"{100 * flops / median / peaks[precision]:>6.3g}% {mem_text:>8}")
     print(f"time per iteration vs plain: lightning {medians['lightning'] / medians['plain']:.2f}x, "
           f"lightning+fused {medians['lightning+fused'] / medians['plain']:.2f}x; "
           f"vs plain+tuned: lightning+fused {medians['lightning+fused'] / medians['plain+tuned']:.2f}x")
+    for precision in precisions[1:]:
+        ours, plain = (medians[participant_name(v, precision)] for v in ("lightning+fused", "plain"))
+        print(f"in {precision}: lightning+fused {ours / plain:.2f}x of plain in {precision}, "
+              f"{ours / medians['lightning+fused']:.2f}x of lightning+fused in 32-true")
     environment = {key: os.environ.get(key, "unset") for key in (OFF_SWITCH, "THP_MEM_ALLOC_ENABLE")}
     environment |= {key: value for key, value in os.environ.items() if key.startswith("MALLOC_")}
     print("plain+tuned: the plain loop with this package's CPU memory settings (huge pages, malloc: cpu_memory.py), "
@@ -447,5 +505,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="iterations per variant left out first (default 3)")
     parser.add_argument("--rounds", type=int, default=5, help="turns per variant after warm-up (default 5)")
     parser.add_argument("--steps", type=int, default=4, help="iterations per turn (default 4)")
+    parser.add_argument("--precisions", default="auto",
+                        help="low precisions to add to 32-true, comma-separated: bf16-mixed, 16-mixed, or auto "
+                             "(default: what trainer.precision=auto picks here; nothing more where that is 32-true)")
     args, overrides = parser.parse_known_args(argv)
-    run(overrides, args.warmup, args.rounds, args.steps)
+    run(overrides, args.warmup, args.rounds, args.steps, args.precisions)

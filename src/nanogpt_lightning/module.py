@@ -8,6 +8,7 @@ from typing import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import Precision
 from torch.optim.lr_scheduler import LambdaLR
 
 from nanogpt_lightning.callbacks import last_checkpoint, print_line
@@ -115,6 +116,18 @@ class GPTModule(L.LightningModule):
                                  f"({self.skipped_steps} skipped so far)")
         for logger in self.trainer.loggers:
             logger.log_metrics({"train/skipped_steps": self.skipped_steps}, step=iteration)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip as Lightning does, also under mixed precision with a fused optimizer (AdamW's), which Lightning
+        refuses because such an optimizer could unscale float16 gradients itself: here they are unscaled
+        first (GradScaler's step then knows), and bfloat16 has nothing to unscale."""
+        if not gradient_clip_val:
+            return
+        plugin = self.trainer.precision_plugin
+        scaler = getattr(plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)  # Lightning unscales the other optimizers itself, before this hook
+        Precision.clip_gradients(plugin, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_validation_start(self):
         if self._token_bytes is None:
