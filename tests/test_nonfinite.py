@@ -94,3 +94,39 @@ def test_skip_nonfinite_skips_the_whole_iteration_and_counts_it(tmp_path, monkey
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert checkpoint["global_step"] == 5
     assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+
+
+def test_without_skipping_the_flags_are_read_only_every_log_interval_and_before_a_save(tmp_path, monkeypatch):
+    """No wait for the device each iteration: the flags are read where the loss is printed (every
+    log_every_n_steps iterations) and before a checkpoint is written; the error names the first bad iteration."""
+    import pytest
+
+    from conftest import fit_tiny
+    from nanogpt_lightning.errors import UserError
+    from nanogpt_lightning.module import GPTModule
+
+    reads = []
+    real_read = GPTModule._first_nonfinite_iteration
+
+    def spy(self):
+        reads.append(self.trainer.global_step + 1)
+        return real_read(self)
+
+    monkeypatch.setattr(GPTModule, "_first_nonfinite_iteration", spy)
+    fit_tiny(tmp_path / "clean", 7, log_every_n_steps=3, val_check_interval=100)
+    assert reads == [3, 6, 8]  # iterations 3 and 6, then at the end (after the 7th update)
+
+    reads.clear()
+    saves = []
+
+    class SaveAt(L.Callback):  # a checkpoint after iteration 5's update, before the next read
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 5:
+                saves.append(trainer.global_step)
+                trainer.save_checkpoint(tmp_path / "poisoned.ckpt")
+
+    with pytest.raises(UserError, match=r"^non-finite loss at iteration 4; last good checkpoint: none yet "):
+        fit_tiny(tmp_path / "nan", 9, PoisonLoss(iteration=4), SaveAt(), log_every_n_steps=3,
+                 val_check_interval=100)
+    assert reads == [3, 6] and saves == [5]  # before update 3 (fine), then by the save after update 5: stopped
+    assert not (tmp_path / "poisoned.ckpt").exists()

@@ -59,9 +59,12 @@ class WarmupCosineLR(LambdaLR):
 class GPTModule(L.LightningModule):
     """Trains a GPT; an optimizer step is one iteration, whatever the gradient accumulation.
 
-    A NaN or infinite training loss stops training before the iteration's update (so no checkpoint
-    holds its weights), or with `skip_nonfinite` the whole iteration's update is skipped (all its
-    micro-batches) and counted. The check reads one flag from the device per iteration.
+    A NaN or infinite training loss stops training, or with `skip_nonfinite` the whole iteration's update
+    is skipped (all its micro-batches) and counted. Skipping decides each iteration, so it reads a flag
+    from the device each iteration; stopping reads the flags of the iterations since the last read only
+    where the loss is printed anyway (every `log_every_n_steps` iterations, before that iteration's
+    update), before any checkpoint is written and when training ends: no checkpoint holds the weights
+    of an iteration with a non-finite loss, and a GPU is not made to wait each iteration.
 
     Checkpoints carry, under CHECKPOINT_KEY, what sampling and resuming need: the model config, the
     tokenizer, the identity of the data (`data`) and the settings that shape the result (`run_settings`,
@@ -84,6 +87,7 @@ class GPTModule(L.LightningModule):
         self.skipped_steps = 0
         self._token_bytes = None  # UTF-8 bytes of each token id, on the device (for bits per byte)
         self._loss_finite = None  # all of this iteration's micro-batch losses finite, on the device
+        self._unread: list[tuple[int, torch.Tensor]] = []  # (iteration, its _loss_finite) not yet read
 
     def forward(self, idx, targets=None):
         return self.model(idx, targets)
@@ -97,18 +101,16 @@ class GPTModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer):
         """After the iteration's last backward, before its update (and before gradient clipping)."""
-        bad = self._loss_finite is not None and not bool(self._loss_finite)
-        self._loss_finite = None
-        if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)  # all ranks skip or stop together
-        if not bad:
-            return
         iteration = self.trainer.global_step + 1
+        if self._loss_finite is not None:
+            self._unread.append((iteration, self._loss_finite))
+            self._loss_finite = None
         if not self.skip_nonfinite:
-            saved = last_checkpoint(self.trainer)
-            last_good = saved.path if saved.saved_step is not None else "none yet"
-            raise UserError(f"non-finite loss at iteration {iteration}; last good checkpoint: {last_good} "
-                            "(lower optimizer.lr, or pass module.skip_nonfinite=true to skip such steps)")
+            if iteration % self.trainer.log_every_n_steps == 0:
+                self._stop_if_a_loss_was_nonfinite()
+            return
+        if self._first_nonfinite_iteration() is None:
+            return
         # no gradients: the optimizer leaves every parameter and its state untouched
         optimizer.zero_grad(set_to_none=True)
         self.skipped_steps += 1
@@ -128,6 +130,32 @@ class GPTModule(L.LightningModule):
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scaler.unscale_(optimizer)  # Lightning unscales the other optimizers itself, before this hook
         Precision.clip_gradients(plugin, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _first_nonfinite_iteration(self) -> int | None:
+        """Read the flags not yet read (one wait for the device): the first iteration whose loss was not
+        finite, or None. With several processes all of them get the same answer (stop or skip together)."""
+        if not self._unread:
+            return None
+        iterations, flags = zip(*self._unread)
+        self._unread = []
+        finite = torch.stack(flags)
+        first_bad = None if bool(finite.all()) else iterations[int((~finite).int().argmax())]
+        if self.trainer.world_size > 1:  # another process's: named by the last iteration read
+            if self.trainer.strategy.reduce_boolean_decision(first_bad is not None, all=False):
+                first_bad = first_bad or iterations[-1]
+        return first_bad
+
+    def _stop_if_a_loss_was_nonfinite(self) -> None:
+        first_bad = self._first_nonfinite_iteration()
+        if first_bad is None:
+            return
+        saved = last_checkpoint(self.trainer)
+        last_good = saved.path if saved.saved_step is not None else "none yet"
+        raise UserError(f"non-finite loss at iteration {first_bad}; last good checkpoint: {last_good} "
+                        "(lower optimizer.lr, or pass module.skip_nonfinite=true to skip such steps)")
+
+    def on_train_end(self):
+        self._stop_if_a_loss_was_nonfinite()
 
     def on_validation_start(self):
         if self._token_bytes is None:
@@ -157,6 +185,7 @@ class GPTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint):
+        self._stop_if_a_loss_was_nonfinite()  # before anything is written
         checkpoint[CHECKPOINT_KEY] = {"model_config": asdict(self.model_config), "tokenizer": self.tokenizer,
                                       "data": self.data, "settings": self.run_settings}
         # dropout draws from torch's generator: restoring it makes a resumed run repeat an unbroken one
