@@ -1,9 +1,16 @@
-"""bf16-mixed training on the CPU: the loss falls, checkpoints keep float32 weights, and resume is exact."""
+"""bf16-mixed training on the CPU: the loss falls, checkpoints keep float32 weights, resume is exact, and
+sampling runs in the run's precision (or the one asked for)."""
+
+import io
 
 import lightning as L
 import torch
 
 from conftest import fit_tiny
+from nanogpt_lightning.checkpoints import CHECKPOINT_KEY
+from nanogpt_lightning.devices import auto_precision
+from nanogpt_lightning.model import GPT
+from nanogpt_lightning.sampling import sample
 
 
 # clipped, with the fused AdamW (Lightning alone refuses to clip a fused optimizer under mixed precision)
@@ -20,7 +27,7 @@ class Recorder(L.Callback):
         self.losses.append(outputs["loss"].item())
 
 
-def test_bf16_mixed_trains_in_bfloat16_keeps_float32_weights_and_resumes_exactly(tmp_path, monkeypatch):
+def test_bf16_mixed_trains_in_bfloat16_keeps_float32_weights_resumes_exactly_and_samples_in_bf16(tmp_path, monkeypatch):
     matmul_dtypes = set()
     real_mm = torch.mm
     monkeypatch.setattr(torch, "mm", lambda a, b, **k: matmul_dtypes.add(a.dtype) or real_mm(a, b, **k))
@@ -41,3 +48,21 @@ def test_bf16_mixed_trains_in_bfloat16_keeps_float32_weights_and_resumes_exactly
     for (name, a), b in zip(unbroken.lightning_module.state_dict().items(),
                             resumed.lightning_module.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+    # sampling: in the run's precision unless told otherwise
+    checkpoint = torch.load(tmp_path / "half.ckpt", weights_only=False)
+    checkpoint[CHECKPOINT_KEY]["settings"] = {"trainer.precision": "bf16-mixed"}  # as train.py records it
+    torch.save(checkpoint, tmp_path / "bf16.ckpt")
+    logits_dtypes = []
+    real_logits = GPT.logits
+    monkeypatch.setattr(GPT, "logits", lambda self, h: logits_dtypes.append(real_logits(self, h).dtype)
+                        or real_logits(self, h))
+    for precision, dtype in (("run", torch.bfloat16), ("32-true", torch.float32), ("auto", None)):
+        logits_dtypes.clear()
+        info = io.StringIO()
+        sample(str(tmp_path / "bf16.ckpt"), num_samples=1, max_new_tokens=3, device="cpu", precision=precision,
+               out=io.StringIO(), info=info)
+        named = {"run": "bf16-mixed", "32-true": "32-true", "auto": auto_precision(torch.device("cpu"))}[precision]
+        assert f" on cpu in {named}\n" in info.getvalue()
+        dtype = dtype or {"bf16-mixed": torch.bfloat16, "32-true": torch.float32}[named]
+        assert logits_dtypes == [dtype] * 3

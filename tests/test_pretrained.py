@@ -73,7 +73,7 @@ def test_greedy_sampling_from_pretrained_weights_is_transformers_greedy_generate
     texts = sample(str(directory), prompt=prompt, num_samples=1, max_new_tokens=n_new, temperature=0, device="cpu",
                    out=io.StringIO(), info=info)
     assert texts == [prompt + tokenizer.decode(expected.tolist())]
-    assert info.getvalue().startswith(f"sampling from pretrained {directory} on cpu\n")
+    assert info.getvalue().startswith(f"sampling from pretrained {directory} on cpu in 32-true\n")
 
 
 def test_eval_of_pretrained_weights_is_the_mean_of_transformers_window_losses(hf_model, tmp_path):

@@ -244,6 +244,7 @@ SAMPLE_RULES: dict[str, Rule] = {
     "top_k": integer(1, nullable=True),
     "seed": SEED,
     "device": choice("auto", "cpu", "mps", "cuda"),
+    "precision": choice("run", "auto", "32-true", "bf16-mixed", "16-mixed"),
 }
 
 EVAL_RULES: dict[str, Rule] = {

@@ -6,6 +6,7 @@ The checkpoint carries the model config and the tokenizer, so no dataset is need
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from nanogpt_lightning.checkpoints import CHECKPOINT_KEY, read_checkpoint, resolve_checkpoint, trained_on
-from nanogpt_lightning.devices import pick_device
+from nanogpt_lightning.devices import auto_precision, check_precision, pick_device
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model import GPT, GPTConfig
 from nanogpt_lightning.pretrained import is_pretrained
@@ -53,6 +54,26 @@ def load_model(spec: str, device: torch.device) -> tuple[GPT, Tokenizer, dict, P
         return model.to(device), tokenizer_from_meta(meta), checkpoint, pretrained.directory
     path = find_checkpoint(spec)
     return *load_checkpoint(path, device), path
+
+
+LOW_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def sampling_precision(precision: str, checkpoint: dict, device: torch.device) -> str:
+    """`run`: the precision the checkpoint's run trained in (float32 for pretrained weights); `auto`: what
+    trainer.precision=auto picks on `device`; else the one named. Refused in one line where the device lacks it."""
+    if precision == "run":
+        precision = str(checkpoint[CHECKPOINT_KEY].get("settings", {}).get("trainer.precision", "32-true"))
+    elif precision == "auto":
+        precision = auto_precision(device)
+    check_precision(precision, device, "precision")
+    return precision
+
+
+def autocast_for(precision: str, device: torch.device):
+    """The context sampling runs in: autocast in the low precision of a mixed one, else nothing."""
+    dtype = LOW_PRECISION_DTYPES.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def title(path: Path, checkpoint: dict) -> str:
@@ -158,7 +179,7 @@ def stream_text(tokenizer: Tokenizer, token_ids: Iterator[int]) -> Iterator[str]
 
 def sample(ckpt: str, prompt: str = "\n", num_samples: int = 10, max_new_tokens: int = 500,
            temperature: float = 0.8, top_k: int | None = 200, seed: int = 1337, device: str = "auto",
-           out: TextIO = sys.stdout, info: TextIO = sys.stderr) -> list[str]:
+           precision: str = "run", out: TextIO = sys.stdout, info: TextIO = sys.stderr) -> list[str]:
     """Print `num_samples` samples to `out`, each the prompt and its continuation, then a separator line.
 
     Notes (checkpoint, the data it was trained on, speed) go to `info`. Returns the samples' texts.
@@ -167,7 +188,8 @@ def sample(ckpt: str, prompt: str = "\n", num_samples: int = 10, max_new_tokens:
     torch_device = pick_device(device, "device")
     model, tokenizer, checkpoint, path = load_model(ckpt, torch_device)
     prompt_ids = encode_prompt(tokenizer, text)
-    print(f"sampling from {title(path, checkpoint)} on {torch_device}", file=info)
+    precision = sampling_precision(precision, checkpoint, torch_device)
+    print(f"sampling from {title(path, checkpoint)} on {torch_device} in {precision}", file=info)
     print(describe_origin(checkpoint), file=info)
 
     torch.manual_seed(seed)
@@ -176,10 +198,11 @@ def sample(ckpt: str, prompt: str = "\n", num_samples: int = 10, max_new_tokens:
     for _ in range(num_samples):
         out.write(text)
         pieces = [text]
-        for piece in stream_text(tokenizer, generate(model, prompt_ids, max_new_tokens, temperature, top_k)):
-            out.write(piece)
-            out.flush()
-            pieces.append(piece)
+        with autocast_for(precision, torch_device):
+            for piece in stream_text(tokenizer, generate(model, prompt_ids, max_new_tokens, temperature, top_k)):
+                out.write(piece)
+                out.flush()
+                pieces.append(piece)
         out.write(f"\n{SEPARATOR}\n")
         samples.append("".join(pieces))
     seconds = time.perf_counter() - start
