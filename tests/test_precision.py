@@ -66,3 +66,58 @@ def test_bf16_mixed_trains_in_bfloat16_keeps_float32_weights_resumes_exactly_and
         assert f" on cpu in {named}\n" in info.getvalue()
         dtype = dtype or {"bf16-mixed": torch.bfloat16, "32-true": torch.float32}[named]
         assert logits_dtypes == [dtype] * 3
+
+
+def test_model_compile_compiles_each_block_in_place_and_gives_the_eager_loss(monkeypatch, tmp_path):
+    """model.compile=true: the blocks go through torch.compile (dynamo; its `eager` backend here, as
+    inductor's C++ build takes ~45 s on a 2-core CPU), weights keep their names, loss and gradients are eager's."""
+    from functools import partial
+
+    from nanogpt_lightning.model import GPTConfig
+    from nanogpt_lightning.module import GPTModule, WarmupCosineLR
+    from nanogpt_lightning.optimizers import adamw
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend="eager"))
+    torch._dynamo.reset()
+    config = GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=16, rotary=True, qk_norm=True,
+                       norm="rmsnorm", mlp="relu2")
+    modules = []
+    for compile_model in (False, True):
+        torch.manual_seed(0)
+        modules.append(GPTModule(config, {"kind": "char", "chars": "x"},
+                                 optimizer=partial(adamw, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99)),
+                                 scheduler=partial(WarmupCosineLR, warmup_iters=1, lr_decay_iters=10, min_lr=1e-4),
+                                 compile_model=compile_model))
+        modules[-1].configure_model()
+    eager, compiled = modules
+    assert all(block._compiled_call_impl is not None for block in compiled.model.transformer.h)
+    assert all(block._compiled_call_impl is None for block in eager.model.transformer.h)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    x, y = torch.randint(0, 40, (3, 16)), torch.randint(0, 40, (3, 16))
+    losses = []
+    for module in (eager, compiled):
+        _, loss = module(x, y)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0])
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def test_model_compile_where_it_cannot_work_is_one_line(monkeypatch):
+    import shutil
+
+    import pytest
+
+    from nanogpt_lightning.devices import check_compile
+    from nanogpt_lightning.errors import UserError
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(UserError) as err:
+        check_compile(torch.device("cpu"), "model.compile")
+    assert str(err.value) == ("model.compile=true: torch.compile on cpu needs a C++ compiler (g++ or clang++) on "
+                              "the PATH; install one or pass model.compile=false")
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    with pytest.raises(UserError, match="torch.compile does not support this Python or platform"):
+        check_compile(torch.device("cuda"), "model.compile")

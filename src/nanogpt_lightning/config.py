@@ -172,6 +172,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "model.bias": BOOLEAN,
     "model.vocab_multiple": POSITIVE_INT,
     "model.fused_loss": BOOLEAN,
+    "model.compile": BOOLEAN,
     "model.rotary": BOOLEAN,
     "model.norm": choice("layernorm", "rmsnorm"),
     "model.qk_norm": BOOLEAN,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import torch
 
 from nanogpt_lightning.errors import UserError
@@ -67,3 +69,12 @@ def check_precision(precision: str, device: torch.device, key: str) -> None:
                         f"on cpu pass {key}=bf16-mixed or {key}=auto")
     if precision in ("bf16-mixed", "bf16") and device.type == "mps" and not mps_has_bfloat16():
         raise UserError(f"{key}={precision} needs macOS 14 or newer on mps; pass {key}=16-mixed or {key}=32-true")
+
+
+def check_compile(device: torch.device, key: str) -> None:
+    """Refuse torch.compile in one line where it cannot work, instead of failing at the first iteration."""
+    if not torch._dynamo.is_dynamo_supported():
+        raise UserError(f"{key}=true: torch.compile does not support this Python or platform; pass {key}=false")
+    if device.type == "cpu" and not any(shutil.which(name) for name in ("g++", "clang++", "c++", "cl")):
+        raise UserError(f"{key}=true: torch.compile on cpu needs a C++ compiler (g++ or clang++) on the PATH; "
+                        f"install one or pass {key}=false")

@@ -74,7 +74,8 @@ class GPTModule(L.LightningModule):
     def __init__(self, model_config: GPTConfig, tokenizer: dict,
                  optimizer: Callable[[GPT], torch.optim.Optimizer],
                  scheduler: Callable[[torch.optim.Optimizer], LambdaLR],
-                 skip_nonfinite: bool = False, data: dict | None = None, run_settings: dict | None = None):
+                 skip_nonfinite: bool = False, data: dict | None = None, run_settings: dict | None = None,
+                 compile_model: bool = False):
         super().__init__()
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -85,9 +86,17 @@ class GPTModule(L.LightningModule):
         self.data = data or {}
         self.run_settings = run_settings or {}
         self.skipped_steps = 0
+        self.compile_model = compile_model
         self._token_bytes = None  # UTF-8 bytes of each token id, on the device (for bits per byte)
         self._loss_finite = None  # all of this iteration's micro-batch losses finite, on the device
         self._unread: list[tuple[int, torch.Tensor]] = []  # (iteration, its _loss_finite) not yet read
+
+    def configure_model(self):
+        """model.compile: each transformer block through torch.compile (in place: the weights keep their
+        names, so checkpoints load either way); the fused loss's chunk loop stays eager."""
+        if self.compile_model:
+            for block in self.model.transformer.h:
+                block.compile()
 
     def forward(self, idx, targets=None):
         return self.model(idx, targets)

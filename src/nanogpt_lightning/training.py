@@ -19,7 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from nanogpt_lightning.callbacks import TimeBudget
 from nanogpt_lightning.checkpoints import resume_path
 from nanogpt_lightning.console import say
-from nanogpt_lightning.devices import auto_precision, check_precision, pick_device
+from nanogpt_lightning.devices import auto_precision, check_compile, check_precision, pick_device
 from nanogpt_lightning.errors import TrainingInterrupted, UserError
 from nanogpt_lightning.metrics import EVAL_LOSS_TAGS
 from nanogpt_lightning.module import GPTModule
@@ -34,7 +34,7 @@ except ImportError:
 RESULT_SETTINGS = ("data.tokenizer", "data.val_fraction", "data.block_size", "data.batch_size", "model", "module",
                    "optimizer", "scheduler", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
                    "trainer.precision", "trainer.max_steps", "budget_s", "seed")
-RESUMABLE_CHANGES = ("trainer.max_steps", "budget_s")  # a resumed run may train further
+RESUMABLE_CHANGES = ("trainer.max_steps", "budget_s", "model.compile")  # train further, or compiled or not
 _ABSENT = object()
 
 
@@ -78,6 +78,9 @@ def build_module(cfg: DictConfig, datamodule) -> GPTModule:
     `cfg.model` are set to the weights' so the run's settings (HPARAMS, resume checks) tell what trained."""
     model_settings = OmegaConf.to_container(cfg.model, resolve=True)
     spec = model_settings.pop("init_from", None)
+    compile_model = model_settings.pop("compile", False)
+    if compile_model:
+        check_compile(pick_device(cfg.trainer.accelerator, key="trainer.accelerator"), "model.compile")
     pretrained = None
     try:
         if spec is None:
@@ -95,7 +98,8 @@ def build_module(cfg: DictConfig, datamodule) -> GPTModule:
         raise UserError(str(err)) from None
     module = instantiate(cfg.module)(model_config, datamodule.meta["tokenizer"],
                                      optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler),
-                                     data=datamodule.identity, run_settings=run_settings(cfg))
+                                     data=datamodule.identity, run_settings=run_settings(cfg),
+                                     compile_model=compile_model)
     if pretrained is not None:
         from nanogpt_lightning.pretrained import load_weights
 
