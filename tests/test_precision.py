@@ -121,3 +121,22 @@ def test_model_compile_where_it_cannot_work_is_one_line(monkeypatch):
     monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
     with pytest.raises(UserError, match="torch.compile does not support this Python or platform"):
         check_compile(torch.device("cuda"), "model.compile")
+
+
+def test_trainer_precision_auto_becomes_the_devices_pick_and_the_run_records_that(monkeypatch, tmp_path):
+    import pytest
+
+    from nanogpt_lightning import training
+    from nanogpt_lightning.config import compose_train_config
+    from nanogpt_lightning.errors import UserError
+
+    for has_units, expected in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_units)
+        cfg = compose_train_config(["trainer.precision=auto", "trainer.accelerator=cpu"])
+        training.resolve_precision(cfg)
+        assert cfg.trainer.precision == expected
+        assert training.run_settings(cfg)["trainer.precision"] == expected
+    cfg = compose_train_config(["trainer.precision=16-mixed", "trainer.accelerator=cpu"])
+    with pytest.raises(UserError, match=r"^trainer.precision=16-mixed \(float16 with loss scaling\) needs cuda"):
+        training.resolve_precision(cfg)

@@ -150,6 +150,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "eval_interval": integer(1, unit="iterations"),
     "eval_iters": integer(1, unit="batches"),
     "budget_s": number("60", nullable=True),
+    "matmul_precision": choice("highest", "high", "medium"),
     "ckpt_path": text("outputs/runs/RUN/checkpoints/last.ckpt", nullable=True),
     "allow_other_data": BOOLEAN,
     "verbose": BOOLEAN,

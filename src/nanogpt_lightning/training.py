@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -33,7 +34,7 @@ except ImportError:
 # the settings that shape a run's result (groups: all their keys); a resumed run must repeat them, except these
 RESULT_SETTINGS = ("data.tokenizer", "data.val_fraction", "data.block_size", "data.batch_size", "model", "module",
                    "optimizer", "scheduler", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
-                   "trainer.precision", "trainer.max_steps", "budget_s", "seed")
+                   "trainer.precision", "matmul_precision", "trainer.max_steps", "budget_s", "seed")
 RESUMABLE_CHANGES = ("trainer.max_steps", "budget_s", "model.compile")  # train further, or compiled or not
 _ABSENT = object()
 
@@ -41,11 +42,12 @@ _ABSENT = object()
 def resolve_precision(cfg: DictConfig) -> None:
     """Set trainer.precision=auto to what it means on the run's device (bfloat16 mixed where the device
     computes it fast, devices.auto_precision); refuse a precision the device lacks. The run's settings
-    (HPARAMS, resume checks) then record the precision that trained."""
+    (HPARAMS, resume checks) then record the precision that trained. Apply matmul_precision (TF32)."""
     device = pick_device(cfg.trainer.accelerator, key="trainer.accelerator")
     if str(cfg.trainer.precision) == "auto":
         cfg.trainer.precision = auto_precision(device)
     check_precision(str(cfg.trainer.precision), device, "trainer.precision")
+    torch.set_float32_matmul_precision(cfg.matmul_precision)
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
