@@ -192,6 +192,8 @@ TRAIN_RULES: dict[str, Rule] = {
     "scheduler.lr_decay_iters": integer(1, unit="iterations"),
     "scheduler.min_lr": number("0.0001", zero_allowed=True),
     "scheduler.decay_lr": BOOLEAN,
+    "scheduler.cooldown": Rule("a number in (0, 1]", "0.5", lambda v: _is_number(v) and 0 < v <= 1),
+    "scheduler.decay": choice("cosine", "linear"),
     "trainer.accelerator": choice("auto", "cpu", "gpu", "cuda", "mps"),
     "trainer.devices": one_of(integer(1, also=(-1,)), choice("auto"), DEVICE_INDICES),
     "trainer.num_nodes": POSITIVE_INT,

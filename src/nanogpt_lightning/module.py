@@ -22,14 +22,24 @@ from nanogpt_lightning.tokenizer import tokenizer_from_meta
 class WarmupCosineLR(LambdaLR):
     """nanoGPT's schedule: linear warmup, cosine decay to `min_lr` at `lr_decay_iters`, then flat.
 
+    `cooldown` < 1 holds the peak after warmup and decays over only the last `cooldown` fraction of the
+    span from warmup to lr_decay_iters (warmup-stable-decay, as modded-nanogpt trains); `decay` is the
+    shape of that decay: `cosine` or `linear`.
+
     Under a time budget (callbacks.TimeBudget calls `follow`) the schedule runs on time instead: its position
     is the fraction of the budget used times lr_decay_iters, so it ends at min_lr when the budget does.
     """
 
-    def __init__(self, optimizer, warmup_iters: int, lr_decay_iters: int, min_lr: float, decay_lr: bool = True):
+    def __init__(self, optimizer, warmup_iters: int, lr_decay_iters: int, min_lr: float, decay_lr: bool = True,
+                 cooldown: float = 1.0, decay: str = "cosine"):
         max_lr = optimizer.param_groups[0]["lr"]
         if decay_lr and not 0 <= warmup_iters < lr_decay_iters:
             raise ValueError("scheduler.warmup_iters must be >= 0 and below scheduler.lr_decay_iters")
+        if not 0 < cooldown <= 1:
+            raise ValueError(f"scheduler.cooldown must be in (0, 1], got {cooldown}")
+        if decay not in ("cosine", "linear"):
+            raise ValueError(f"scheduler.decay must be cosine or linear, got {decay!r}")
+        decay_start = lr_decay_iters - cooldown * (lr_decay_iters - warmup_iters)
         self._fraction_used: Callable[[], float] | None = None
 
         def lr_at(it: float) -> float:
@@ -41,8 +51,11 @@ class WarmupCosineLR(LambdaLR):
                 return max_lr * (it + 1) / (warmup_iters + 1)
             if it > lr_decay_iters:
                 return min_lr
-            ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-            return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+            if it < decay_start:
+                return max_lr
+            ratio = (it - decay_start) / (lr_decay_iters - decay_start)
+            left = 0.5 * (1.0 + math.cos(math.pi * ratio)) if decay == "cosine" else 1.0 - ratio
+            return min_lr + left * (max_lr - min_lr)
 
         super().__init__(optimizer, lambda it: lr_at(it) / max_lr)
 
