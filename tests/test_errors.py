@@ -3,7 +3,9 @@ and no file of the prepared data or of a previous run touched.
 
 Every case runs in its own directory holding a copy of a prepared data directory (`data/`) and, for the
 resume cases, of a finished run (`prev/`, with checkpoints/last.ckpt); those files must be byte-identical
-afterwards. The cases run two at a time (each is mostly ~5 s of imports).
+afterwards. The cases run two at a time (those past the config checks are mostly ~5 s of imports each), so
+there is one per way a run is refused; the refusals' other cases are unit tests: bad config values in
+tests/test_config.py, a resume with a changed setting or on other data below and in tests/test_checkpoints.py.
 """
 
 import hashlib
@@ -18,6 +20,7 @@ import torch
 
 from conftest import SONNETS, TINY_RUN, run_script
 from nanogpt_lightning.data import prepare_dataset
+from test_train import train_in_process
 
 
 def unavailable_accelerator() -> tuple[str | None, str]:
@@ -55,29 +58,16 @@ CASES = {
         lambda d: [f"hydra.run.dir={write(d / 'a_file', b'x') / 'run'}"],
         "cannot write the run directory {d}/a_file/run ({d}/a_file is not a directory); "
         "pass a writable hydra.run.dir=DIR"),
-    "zero max_steps": (lambda d: ["trainer.max_steps=0"],
-                       "trainer.max_steps must be a positive number of iterations, got 0"),
-    "negative batch_size": (lambda d: ["data.batch_size=-8"], "data.batch_size must be a positive integer, got -8"),
-    "zero lr": (lambda d: ["optimizer.lr=0"], "optimizer.lr must be a positive number, got 0"),
     "a new run in a directory holding a run": (
         lambda d: [f"hydra.run.dir={d / 'prev'}"],
         "{d}/prev already holds a run (checkpoints/); resume it with ckpt_path={d}/prev, "
         "or pass another hydra.run.dir=DIR"),
-    "resume with a changed setting": (
-        lambda d: [f"ckpt_path={d / 'prev'}", "optimizer.lr=0.01", "trainer.max_steps=4"],
-        "checkpoint {d}/prev/checkpoints/last.ckpt was trained with other settings: optimizer.lr=0.01 "
-        "(checkpoint: 0.003); resume with the checkpoint's settings, or start a new run"),
-    "resume on other data": (
-        lambda d: [f"ckpt_path={d / 'prev'}", f"data.input_file={write(d / 'reversed.txt', SONNETS.read_bytes()[::-1])}",
-                   f"data.data_dir={d / 'other_data'}"],
-        "checkpoint {d}/prev/checkpoints/last.ckpt was trained on sonnets.txt (sha256 "),
     "resume a finished run": (
         lambda d: [f"ckpt_path={d / 'prev'}", "trainer.max_steps=2"],
         "the run of {d}/prev/checkpoints/last.ckpt is already complete: it reached iteration 2 of "
         "trainer.max_steps=2; pass a larger trainer.max_steps to train further"),
 }
-RESUME_CASES = ("truncated checkpoint", "a new run in a directory holding a run", "resume with a changed setting", "resume on other data",
-                "resume a finished run")
+RESUME_CASES = ("truncated checkpoint", "a new run in a directory holding a run", "resume a finished run")
 SKIPPED = {  # not run
     "unavailable accelerator": MISSING_ACCELERATOR is None,  # every device is here
 }
@@ -90,19 +80,15 @@ def fingerprints(case_dir: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    """Every case in its own directory, two at a time; the resume cases after a tiny run that trains meanwhile."""
+    """Every case in its own directory, two at a time; the resume cases once a tiny run, trained meanwhile in this
+    process (the same run as train.py's, without its start-up), is there."""
     root = tmp_path_factory.mktemp("errors")
     prepare_dataset(SONNETS, root / "data", "char")  # what train.py prepares, so it is not prepared again
-
-    def train_prev():
-        run_script("train.py", *TINY_RUN, f"data.data_dir={root / 'data'}", f"hydra.run.dir={root / 'prev'}",
-                   "trainer.max_steps=2", "eval_interval=2", cwd=root)
 
     def run_case(name):
         case_dir = root / name.replace(" ", "_").replace("'", "")
         shutil.copytree(root / "data", case_dir / "data")
         if name in RESUME_CASES:
-            prev_trained.result()
             shutil.copytree(root / "prev", case_dir / "prev")
         before = fingerprints(case_dir)
         overrides, _ = CASES[name]
@@ -110,10 +96,12 @@ def outcomes(tmp_path_factory):
                             f"hydra.run.dir={case_dir / 'run'}", *overrides(case_dir), cwd=case_dir, check=False)
         return case_dir, before, result
 
-    names = sorted((name for name in CASES if not SKIPPED.get(name)), key=lambda name: name in RESUME_CASES)
+    names = [name for name in CASES if not SKIPPED.get(name)]
     with ThreadPoolExecutor(2) as pool:
-        prev_trained = pool.submit(train_prev)
-        return dict(zip(names, pool.map(run_case, names)))
+        started = {name: pool.submit(run_case, name) for name in names if name not in RESUME_CASES}
+        train_in_process(root / "prev", f"data.data_dir={root / 'data'}", "trainer.max_steps=2", "eval_interval=2")
+        started |= {name: pool.submit(run_case, name) for name in names if name in RESUME_CASES}
+        return {name: future.result() for name, future in started.items()}
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -135,6 +123,44 @@ def test_bad_input_is_one_line_and_exit_1_and_loses_nothing(outcomes, name):
     assert len(errors) == 1, stderr
     assert stderr.rstrip().splitlines()[-1] == errors[0]  # the last word
     assert errors[0].startswith("error: " + expected.replace("{d}", str(case_dir))), stderr
+
+
+def test_a_resume_with_a_changed_setting_or_on_other_data_is_refused(tmp_path):
+    """The resume refusals that no case above reaches, through checkpoints.resume_path (as train.py calls it);
+    the checks themselves: tests/test_checkpoints.py."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from nanogpt_lightning.checkpoints import CHECKPOINT_KEY, resume_path
+    from nanogpt_lightning.errors import UserError
+    from nanogpt_lightning.model import GPTConfig
+    from nanogpt_lightning.training import RESUMABLE_CHANGES
+
+    config = GPTConfig(block_size=16, vocab_size=38, n_layer=1, n_head=2, n_embd=32)
+    tokenizer = {"kind": "char", "chars": "x", "vocab_size": 38}
+    data = {"source": "/x/sonnets.txt", "source_sha256": "a" * 64, "source_bytes": 10, "tokenizer": "char",
+            "val_fraction": 0.1, "tokens": {"train": 9, "val": 1}}
+    settings = {"optimizer.lr": 3e-3, "trainer.max_steps": 2, "seed": 1337}
+    last = write(tmp_path / "prev" / "checkpoints" / "last.ckpt", b"")
+    torch.save({"global_step": 2, CHECKPOINT_KEY: {"model_config": asdict(config), "tokenizer": tokenizer,
+                                                   "data": data, "settings": settings}}, last)
+
+    def resume(data=data, allow_other_data=False, **changed):
+        module = SimpleNamespace(model_config=config, tokenizer=tokenizer, data=data,
+                                 run_settings={**settings, "trainer.max_steps": 4, **changed})
+        return resume_path(str(tmp_path / "prev"), module, 4, None, allow_other_data, RESUMABLE_CHANGES)
+
+    assert resume() == last  # further iterations of the same run
+    with pytest.raises(UserError) as err:
+        resume(**{"optimizer.lr": 0.01})
+    assert str(err.value).startswith(f"checkpoint {last} was trained with other settings: optimizer.lr=0.01 "
+                                     "(checkpoint: 0.003); resume with the checkpoint's settings, or start a new run")
+    other = {**data, "source": "/x/reversed.txt", "source_sha256": "b" * 64}
+    with pytest.raises(UserError) as err:
+        resume(data=other)
+    assert str(err.value).startswith(f"checkpoint {last} was trained on sonnets.txt (sha256 aaaaaaaaaaaa..., "
+                                     "10 bytes), char tokenizer, 10% val, this run's data is reversed.txt (sha256 bbb")
+    assert resume(data=other, allow_other_data=True) == last
 
 
 BROKEN_PIPE = """

@@ -3,8 +3,7 @@
 import errno
 import os
 import signal
-import subprocess
-import sys
+import time
 
 import lightning as L
 import pytest
@@ -14,10 +13,12 @@ from nanogpt_lightning.callbacks import AtomicCheckpointIO, GracefulInterrupt
 from nanogpt_lightning.errors import UserError
 
 from conftest import ITER_LINE, ROOT, STEP_LINE, TINY_RUN, run_script
+from test_train import train_in_process
 
 # dropout on, so the resumed run must also restore torch's random generator
-RUN = [*TINY_RUN, "model.dropout=0.1", "trainer.accumulate_grad_batches=2", "trainer.max_steps=14",
-       "eval_interval=5", "log_interval=1"]
+SETTINGS = ["model.dropout=0.1", "trainer.accumulate_grad_batches=2", "trainer.max_steps=14", "eval_interval=5",
+            "log_interval=1"]
+RUN = [*TINY_RUN, *SETTINGS]
 
 
 class SignalAt(L.Callback):
@@ -48,8 +49,9 @@ def losses(stdout: str) -> tuple[dict[int, str], dict[int, tuple[str, str]]]:
 
 
 def test_ctrl_c_and_sigterm_save_and_the_resumed_run_repeats_the_unbroken_one_exactly(tmp_path):
-    whole = train(tmp_path, f"hydra.run.dir={tmp_path / 'whole'}")
-    whole_iters, whole_steps = losses(whole.stdout)
+    # the unbroken run in this process (the same run as the script's, without its seconds of start-up)
+    whole = train_in_process(tmp_path / "whole", *SETTINGS, f"data.data_dir={tmp_path / 'data'}")
+    whole_iters, whole_steps = losses(whole)
     assert sorted(whole_iters) == list(range(1, 15)) and sorted(whole_steps) == [5, 10]
 
     # Ctrl+C during iteration 3: the run finishes the iteration in hand, the next one, saves and stops
@@ -71,9 +73,10 @@ def test_ctrl_c_and_sigterm_save_and_the_resumed_run_repeats_the_unbroken_one_ex
     assert "Traceback" not in terminated.stderr and "Warning" not in terminated.stderr
     assert torch.load(checkpoint, weights_only=True, map_location="cpu")["global_step"] == 8
 
-    # and resumed once more to the end
-    final = train(tmp_path, f"hydra.run.dir={run}", f"ckpt_path={checkpoint}")
-    printed = [losses(stopped.stdout), losses(terminated.stdout), losses(final.stdout)]
+    # and resumed once more to the end (in this process: the script's resume in place is the run above)
+    final = train_in_process(run, *SETTINGS, f"data.data_dir={tmp_path / 'data'}", f"ckpt_path={checkpoint}")
+    assert torch.load(checkpoint, weights_only=True, map_location="cpu")["global_step"] == 14
+    printed = [losses(stopped.stdout), losses(terminated.stdout), losses(final)]
     resumed_iters = {n: loss for iters, _ in printed for n, loss in iters.items()}
     resumed_steps = {n: loss for _, steps in printed for n, loss in steps.items()}
     assert resumed_iters == whole_iters  # bit for bit, training and evaluation alike
@@ -95,29 +98,36 @@ def test_a_second_ctrl_c_quits_at_once_and_removes_the_checkpoint_it_was_writing
     assert not partial.exists()
 
 
-# saves once, then starts a second save that writes part of the file and never finishes
-SLOW_SAVE = """
-import sys, time, torch
-from nanogpt_lightning.callbacks import AtomicCheckpointIO
-io = AtomicCheckpointIO()
-io.save_checkpoint({"step": 1, "weights": torch.ones(10)}, sys.argv[1])
-def slow_save(obj, f):
-    f.write(b"part of a checkpoint")
-    f.flush()
-    print("writing", flush=True)
-    time.sleep(600)
-torch.save = slow_save
-io.save_checkpoint({"step": 2}, sys.argv[1])
-"""
-
-
 def test_a_kill_in_the_middle_of_a_save_leaves_the_previous_checkpoint_and_the_next_run_clears_the_rest(tmp_path):
+    """A process (a fork of this one: no seconds of imports) saves once, then starts a second save that writes
+    part of the file and never finishes; it is killed there."""
     path = tmp_path / "last.ckpt"
-    process = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(path)], stdout=subprocess.PIPE, text=True)
-    assert process.stdout.readline() == "writing\n"
-    process.kill()
-    process.wait()
-    partial = tmp_path / f".last.ckpt.{process.pid}.partial"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "weights": torch.ones(10)}, path)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read_end)
+
+            def slow_save(obj, f):
+                f.write(b"part of a checkpoint")
+                f.flush()
+                os.write(write_end, b"writing")
+                time.sleep(600)
+
+            torch.save = slow_save  # this process's torch only
+            io.save_checkpoint({"step": 2}, path)
+        finally:
+            os._exit(1)
+    os.close(write_end)
+    try:
+        assert os.read(read_end, 100) == b"writing"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read_end)
+    partial = tmp_path / f".last.ckpt.{pid}.partial"
     assert partial.read_bytes() == b"part of a checkpoint"  # killed while writing, before the rename
     checkpoint = torch.load(path, weights_only=False)
     assert checkpoint["step"] == 1 and torch.equal(checkpoint["weights"], torch.ones(10))

@@ -2,14 +2,13 @@
 
 import io
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import TINY_RUN, run_script
+from conftest import run_script
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model import GPT, GPTConfig
 from nanogpt_lightning.sampling import (
@@ -17,6 +16,7 @@ from nanogpt_lightning.sampling import (
 )
 from nanogpt_lightning.tokenizer import GPT2Tokenizer
 from test_model import OPTION_SETS, scrambled_gpt
+from test_train import train_in_process
 
 BLOCK_SIZE = 16  # TINY_RUN's data.block_size
 CPU = torch.device("cpu")
@@ -24,18 +24,12 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """Train the char and the BPE model side by side (each a few seconds, mostly start-up)."""
+    """Train the char and the BPE model (in this process: a second each; the script is test_train.py's)."""
     tmp = tmp_path_factory.mktemp("sampling")
-
-    def train(tokenizer: str, steps: int) -> Path:
-        run = tmp / tokenizer
-        run_script("train.py", *TINY_RUN, f"data.tokenizer={tokenizer}", f"data.data_dir={tmp / tokenizer}_data",
-                   f"trainer.max_steps={steps}", f"eval_interval={steps}", f"hydra.run.dir={run}", cwd=tmp)
-        return run
-
-    with ThreadPoolExecutor(2) as pool:
-        char, bpe = pool.map(train, ["char", "gpt2"], [30, 4])
-    return {"char": char, "gpt2": bpe}
+    for tokenizer, steps in (("char", 30), ("gpt2", 4)):
+        train_in_process(tmp / tokenizer, f"data.tokenizer={tokenizer}", f"data.data_dir={tmp / tokenizer}_data",
+                         f"trainer.max_steps={steps}", f"eval_interval={steps}")
+    return {"char": tmp / "char", "gpt2": tmp / "gpt2"}
 
 
 def quiet_sample(ckpt: Path, **settings) -> list[str]:
@@ -158,7 +152,7 @@ def test_device_setting_goes_through_the_shared_device_choice(runs, monkeypatch)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     info = io.StringIO()
     sample(str(runs["char"]), num_samples=1, max_new_tokens=2, device="auto", out=io.StringIO(), info=info)
-    assert info.getvalue().splitlines()[0].endswith(" on cpu")
+    assert info.getvalue().splitlines()[0].endswith(" on cpu in 32-true")  # the run's precision
     assert info.getvalue().splitlines()[1].startswith("trained on sonnets.txt (sha256 ")  # the data it learnt
     with pytest.raises(UserError) as err:
         quiet_sample(runs["char"], device="mps")
@@ -181,8 +175,12 @@ def test_checkpoint_from_a_file_a_run_dir_or_the_newest_run(runs, tmp_path):
 
 
 def test_checkpoint_errors_say_what_is_wrong(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
-        find_checkpoint(str(tmp_path / "missing.ckpt"))
+    out, info = io.StringIO(), io.StringIO()
+    with pytest.raises(UserError) as err:  # what sample.py says (its one `error:` line: tests/test_config.py)
+        sample(str(tmp_path / "nope.ckpt"), out=out, info=info)
+    assert str(err.value) == (f"checkpoint {tmp_path / 'nope.ckpt'} does not exist; "
+                              "pass ckpt=FILE.ckpt, a run directory or ckpt=latest")
+    assert out.getvalue() == info.getvalue() == ""
     with pytest.raises(UserError, match="no last.ckpt in"):
         find_checkpoint(str(tmp_path))
     garbage = tmp_path / "garbage.ckpt"
@@ -214,15 +212,6 @@ def test_script_streams_separated_samples_and_leaves_no_files(runs, tmp_path):
     assert all(s.startswith("Shall I") for s in samples[:3])
     assert "tokens/s" in result.stderr.splitlines()[-1]
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # run_script's; no outputs/, .hydra or log file
-
-
-def test_script_error_is_one_line_and_exit_1(runs, tmp_path):
-    result = run_script("sample.py", f"ckpt={tmp_path / 'nope.ckpt'}", cwd=tmp_path, check=False)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        f"error: checkpoint {tmp_path / 'nope.ckpt'} does not exist; pass ckpt=FILE.ckpt, a run directory or ckpt=latest"
-    ]
-    assert result.stdout == ""
 
 
 def test_padding_of_the_vocabulary_is_never_sampled():

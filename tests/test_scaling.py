@@ -53,7 +53,7 @@ def ddp_run(tmp_path_factory):
 
 def test_ddp_on_cpu_trains_two_processes_and_prints_once(ddp_run):
     _, result = ddp_run
-    assert ", 256 tokens per iteration, cpu x 2, run directory" in result.stdout  # 8 x 16 tokens, 2 processes
+    assert ", 256 tokens per iteration, cpu x 2 in 32-true, run directory" in result.stdout  # 8 x 16 tokens, 2 processes
     iters = [(int(n), float(loss)) for n, loss, _ in ITER_LINE.findall(result.stdout)]
     assert [n for n, _ in iters] == list(range(1, 31))  # rank zero prints; each line once
     first, last = sum(l for _, l in iters[:5]) / 5, sum(l for _, l in iters[-5:]) / 5

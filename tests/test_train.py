@@ -1,6 +1,8 @@
 """End to end: scripts/train.py on a small real text, as a user runs it."""
 
+import contextlib
 import fcntl
+import io
 import math
 import os
 import pty
@@ -25,6 +27,26 @@ from conftest import ITER_LINE, ROOT, STEP_LINE, TINY_RUN, run_script
 def train(tmp_path, run_name, *overrides, check=True):
     return run_script("train.py", *TINY_RUN, f"data.data_dir={tmp_path / 'data'}",
                       f"hydra.run.dir={tmp_path / run_name}", *overrides, cwd=tmp_path, check=check)
+
+
+def train_in_process(run, *overrides) -> str:
+    """What scripts/train.py runs (TINY_RUN and `overrides`, composed and checked as it does, into the run
+    directory `run`), in this process: for tests of what a run does, not of the script, without its seconds of
+    start-up. Returns what the run printed."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from nanogpt_lightning.config import compose_train_config
+    from nanogpt_lightning.training import train as train_run
+
+    before = HydraConfig.instance().cfg
+    printed = io.StringIO()
+    try:
+        cfg = compose_train_config([*TINY_RUN, *overrides], output_dir=str(run))
+        with contextlib.redirect_stdout(printed):
+            train_run(cfg)
+    finally:
+        HydraConfig.instance().cfg = before
+    return printed.getvalue()
 
 
 def step_of(path) -> int:
@@ -61,7 +83,7 @@ def test_start_up_is_one_summary_line_and_the_run_log_records_the_lines(first_ru
     [prepared] = [d for d in (tmp_path / "data").iterdir() if not d.name.startswith(".")]
     assert summary[0] == f"data: {describe_data(saved['nanogpt_lightning']['data'])} in {prepared}"
     assert summary[0].startswith("data: sonnets.txt (sha256 ")
-    assert summary[1:] == [f"{n_params:,} parameters, 256 tokens per iteration, cpu x 1, run directory {run}"]
+    assert summary[1:] == [f"{n_params:,} parameters, 256 tokens per iteration, cpu x 1 in 32-true, run directory {run}"]
     for noise in ("GPU available", "TPU available", "Tip:", "FLOPs", "deprecated", "max_steps=65` reached"):
         assert noise not in result.stdout + result.stderr
     log = (run / "train.log").read_text()
@@ -144,13 +166,15 @@ def test_hparams_hold_the_settings_that_shape_the_result_and_the_final_losses(fi
     assert final_val_bpb == pytest.approx(final_val / math.log(2), abs=2e-4)  # ASCII text, one byte per character
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # Lightning's, on resuming into another run directory
 def test_resume_continues_the_step_count(first_run):
+    """In this process: resuming through the script is tests/test_interrupt.py's (and test_errors.py's refusals)."""
     tmp_path, _ = first_run
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    result = train(tmp_path, "resumed", "trainer.max_steps=70", "eval_interval=30",
-                   "trainer.accumulate_grad_batches=2", f"ckpt_path={ckpt}")
-    assert [int(n) for n, _, _ in ITER_LINE.findall(result.stdout)] == list(range(66, 71))
-    first_loss = float(ITER_LINE.findall(result.stdout)[0][1])
+    printed = train_in_process(tmp_path / "resumed", f"data.data_dir={tmp_path / 'data'}", "trainer.max_steps=70",
+                               "eval_interval=30", "trainer.accumulate_grad_batches=2", f"ckpt_path={ckpt}")
+    assert [int(n) for n, _, _ in ITER_LINE.findall(printed)] == list(range(66, 71))
+    first_loss = float(ITER_LINE.findall(printed)[0][1])
     assert first_loss < 3.0  # the trained weights came back, not a fresh model (ln 38 = 3.6)
     assert step_of(tmp_path / "resumed" / "checkpoints" / "last.ckpt") == 70
 
@@ -166,16 +190,19 @@ class FakeValLoss(L.Callback):
         trainer.callback_metrics["val/loss"] = torch.tensor(self.losses.pop(0))
 
 
-def test_last_checkpoint_is_the_final_iteration_when_the_val_loss_rises(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))
-    train(tmp_path, "run", "trainer.max_steps=9", "eval_interval=2", "+callbacks.fake._target_=test_train.FakeValLoss",
-          "+callbacks.fake.losses=[2.49,2.39,2.48,2.63]")
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # Lightning's, on resuming into another run directory
+def test_last_checkpoint_is_the_final_iteration_when_the_val_loss_rises(tmp_path):
+    """In this process: the checkpoint callbacks of conf/callbacks/default.yaml, not the script, are under test."""
+    data = f"data.data_dir={tmp_path / 'data'}"
+    train_in_process(tmp_path / "run", data, "trainer.max_steps=9", "eval_interval=2",
+                     "+callbacks.fake._target_=test_train.FakeValLoss", "+callbacks.fake.losses=[2.49,2.39,2.48,2.63]")
     checkpoints = tmp_path / "run" / "checkpoints"
     assert step_of(checkpoints / "best.ckpt") == 4  # the lowest val loss
     assert step_of(checkpoints / "last.ckpt") == 9  # evaluations at 2, 4, 6, 8, then the end
-    resumed = train(tmp_path, "resumed", "trainer.max_steps=11", f"ckpt_path={tmp_path / 'run'}",
-                    "eval_interval=2", "+callbacks.fake._target_=test_train.FakeValLoss", "+callbacks.fake.losses=[9]")
-    assert [int(n) for n, _, _ in ITER_LINE.findall(resumed.stdout)] == [10, 11]
+    resumed = train_in_process(tmp_path / "resumed", data, "trainer.max_steps=11", f"ckpt_path={tmp_path / 'run'}",
+                               "eval_interval=2", "+callbacks.fake._target_=test_train.FakeValLoss",
+                               "+callbacks.fake.losses=[9]")
+    assert [int(n) for n, _, _ in ITER_LINE.findall(resumed)] == [10, 11]
 
 
 def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path):
