@@ -187,3 +187,17 @@ def test_lightning_checkpoint_resume_repeats_an_unbroken_run(tmp_path):
     for (name, a), b in zip(unbroken.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert resumed.trainer.optimizers[0].param_groups[1]["lr"] == unbroken.trainer.optimizers[0].param_groups[1]["lr"]
+
+
+def test_ns_steps_sets_the_newton_schulz_iterations_of_each_update(monkeypatch):
+    from nanogpt_lightning import optimizers
+
+    seen = []
+    real = optimizers.orthogonalize
+    monkeypatch.setattr(optimizers, "orthogonalize",
+                        lambda matrices, coefficients, steps, eps: seen.append(steps) or real(matrices, coefficients,
+                                                                                               steps, eps))
+    for ns_steps in (5, 3):
+        model = tiny_model()
+        train(model, muon(model, **SETTINGS, ns_steps=ns_steps), 1)
+    assert set(seen[:len(seen) // 2]) == {5} and set(seen[len(seen) // 2:]) == {3}

@@ -186,6 +186,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "optimizer.weight_decay": number("0.1", zero_allowed=True),
     "optimizer.betas": BETAS,
     "optimizer.momentum": FRACTION,  # optimizer=muon: lr, weight_decay, momentum are Muon's; adamw_*, betas AdamW's
+    "optimizer.ns_steps": integer(1, unit="steps"),
     "optimizer.adamw_lr": number("0.003"),
     "optimizer.adamw_weight_decay": number("0.1", zero_allowed=True),
     "scheduler.warmup_iters": integer(0, unit="iterations"),

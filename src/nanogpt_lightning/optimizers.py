@@ -35,16 +35,17 @@ def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]
 
 def muon(model: nn.Module, lr: float = 0.02, adamw_lr: float = 3e-3, weight_decay: float = 0.0,
          adamw_weight_decay: float = 0.0, momentum: float = 0.95,
-         betas: tuple[float, float] = (0.9, 0.99), adjust_lr_fn: str | None = None) -> MuonAdamW:
+         betas: tuple[float, float] = (0.9, 0.99), adjust_lr_fn: str | None = None, ns_steps: int = 5) -> MuonAdamW:
     """Muon (`lr`, `weight_decay`, `momentum`) on the block matrices, AdamW (`adamw_lr`, `betas`) on the rest,
     with `adamw_weight_decay` on its 2D tensors (embeddings, an untied lm_head) and none on norms and biases.
 
     `adjust_lr_fn` is torch's: None (Keller Jordan's sqrt(max(1, rows/cols)) scale, as in the Muon post and
     modded-nanogpt) keeps `lr` on Muon's own scale (~0.02); "match_rms_adamw" would make it an AdamW-like lr.
+    `ns_steps`: Newton-Schulz iterations per update (torch's default 5; fewer are cheaper and rougher).
     """
     hidden, rest = muon_split(model)
     inner_muon = BatchedMuon(hidden, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True,
-                             adjust_lr_fn=adjust_lr_fn)
+                             adjust_lr_fn=adjust_lr_fn, ns_steps=ns_steps)
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": adamw_weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     inner_adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=adamw_lr, betas=tuple(betas), fused=True)
