@@ -83,7 +83,8 @@ def test_start_up_is_one_summary_line_and_the_run_log_records_the_lines(first_ru
     [prepared] = [d for d in (tmp_path / "data").iterdir() if not d.name.startswith(".")]
     assert summary[0] == f"data: {describe_data(saved['nanogpt_lightning']['data'])} in {prepared}"
     assert summary[0].startswith("data: sonnets.txt (sha256 ")
-    assert summary[1:] == [f"{n_params:,} parameters, 256 tokens per iteration, cpu x 1 in 32-true, run directory {run}"]
+    assert summary[1:] == [f"{n_params:,} parameters, 256 tokens per iteration, cpu x 1 in 32-true, "
+                           f"run directory {run}"]
     for noise in ("GPU available", "TPU available", "Tip:", "FLOPs", "deprecated", "max_steps=65` reached"):
         assert noise not in result.stdout + result.stderr
     log = (run / "train.log").read_text()

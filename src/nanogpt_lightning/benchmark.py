@@ -13,8 +13,9 @@ precision's matmul peak.
 
 Each variant runs in its own process, but only one at a time: after `warmup` iterations, then after each
 `steps` more, it hands over to the next one, so machine noise falls on all variants alike. Matmuls
-take their turn too (fp32, and each low precision), giving the machine's peaks under the same conditions. Processes, not threads:
-each variant keeps its own memory allocator and its own memory figure, as it would when training."""
+take their turn too (fp32, and each low precision), giving the machine's peaks under the same
+conditions. Processes, not threads: each variant keeps its own memory allocator and its own memory
+figure, as it would when training."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ from omegaconf import DictConfig
 
 from nanogpt_lightning.config import compose_train_config
 from nanogpt_lightning.cpu_memory import OFF_SWITCH, tune_cpu_memory
-from nanogpt_lightning.devices import auto_precision, check_precision, pick_device
+from nanogpt_lightning.devices import (MIXED_PRECISION_DTYPES, auto_precision, autocast_for, check_precision,
+                                       pick_device)
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.fused_loss import matmul, onednn_in_use
 from nanogpt_lightning.training import build_datamodule, build_loggers, build_module, build_trainer
@@ -49,7 +51,6 @@ from nanogpt_lightning.training import build_datamodule, build_loggers, build_mo
 MATMULS_PER_TURN = 5
 VARIANTS = ("plain", "plain+tuned", "lightning", "lightning+fused")
 LOW_PRECISION_VARIANTS = ("plain", "lightning+fused")  # the reference and ours, in each low precision
-LOW_PRECISIONS = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 FLOAT32 = "32-true"
 # environment of each variant's process: nanoGPT's loop as people run it, without the CPU memory settings
 # (nor the huge-page switch that this process's tune_cpu_memory put in its environment); the others
@@ -223,9 +224,8 @@ def plain_pytorch_loop(cfg: DictConfig, device: torch.device, iterations: int, c
     optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.optimizer.weight_decay), lr=cfg.optimizer.lr,
                                   betas=tuple(cfg.optimizer.betas), fused=device.type == "cuda")
     scheduler = instantiate(cfg.scheduler)(optimizer)  # sets the learning rate of each iteration
-    low = LOW_PRECISIONS.get(str(cfg.trainer.precision))
-    autocast = torch.autocast(device.type, dtype=low) if low is not None else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=low == torch.float16)
+    autocast = autocast_for(str(cfg.trainer.precision), device)
+    scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16-mixed")
 
     def get_batch():
         # nanoGPT recreates the memmap every batch to avoid a memory leak
@@ -305,8 +305,9 @@ def bench_precisions(wanted: str, device: torch.device) -> list[str]:
     precisions = [FLOAT32]
     for name in filter(None, (part.strip() for part in wanted.split(","))):
         name = auto_precision(device) if name == "auto" else name
-        if name != FLOAT32 and name not in LOW_PRECISIONS:
-            raise UserError(f"--precisions takes 32-true, {', '.join(LOW_PRECISIONS)} or auto, got {name!r}")
+        if name != FLOAT32 and name not in MIXED_PRECISION_DTYPES:
+            raise UserError(f"--precisions takes 32-true, {', '.join(MIXED_PRECISION_DTYPES)} or auto, "
+                            f"got {name!r}")
         check_precision(name, device, "--precisions")
         if name not in precisions:
             precisions.append(name)
@@ -405,7 +406,7 @@ def run(overrides: list[str], warmup: int, rounds: int, steps: int,
                         "not trainer.precision")
     device = pick_device(cfg.trainer.accelerator, "trainer.accelerator")
     precisions = bench_precisions(precisions, device)
-    low_dtypes = [LOW_PRECISIONS[p] for p in precisions[1:]]
+    low_dtypes = [MIXED_PRECISION_DTYPES[p] for p in precisions[1:]]
     build_datamodule(cfg).prepare_data()
     participants = [("matmul", "matmul", FLOAT32)] + [
         (participant_name(variant, precision), variant, precision)
@@ -466,7 +467,7 @@ def report(cfg: DictConfig, device: torch.device, precisions: list[str],
           f"{fused_library} {fused_peak / 1e9:.1f})")
     for precision in precisions[1:]:
         print(f"{precision} matmul peak: {peaks[precision] / 1e9:.1f} GFLOP/s (torch.mm in "
-              f"{str(LOW_PRECISIONS[precision]).removeprefix('torch.')}, interleaved with the above)")
+              f"{str(MIXED_PRECISION_DTYPES[precision]).removeprefix('torch.')}, interleaved with the above)")
     width = max(len(name) for name in measured) + 1
     print(f"{'variant':<{width}} {'ms/iter':>9} {'p25-p75 ms':>15} {'n':>4} {'tokens/s':>9} {'GFLOP/s':>8} "
           f"{'% peak':>7} {'peak MB':>8}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import torch
@@ -60,6 +61,17 @@ def auto_precision(device: torch.device) -> str:
     """What trainer.precision=auto (and sample.py's precision=auto) means on `device`: bfloat16 mixed
     precision where the device computes bfloat16 fast, else float32."""
     return "bf16-mixed" if computes_bfloat16_fast(device) else "32-true"
+
+
+# the low precision of each mixed precision (what autocast computes in)
+MIXED_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def autocast_for(precision: str, device: torch.device):
+    """The context a forward pass runs in outside Lightning (sampling, bench's plain loop): autocast in the
+    low precision of a mixed precision, else nothing."""
+    dtype = MIXED_PRECISION_DTYPES.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def check_precision(precision: str, device: torch.device, key: str) -> None:

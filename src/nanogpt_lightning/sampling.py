@@ -6,7 +6,6 @@ The checkpoint carries the model config and the tokenizer, so no dataset is need
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from nanogpt_lightning.checkpoints import CHECKPOINT_KEY, read_checkpoint, resolve_checkpoint, trained_on
-from nanogpt_lightning.devices import auto_precision, check_precision, pick_device
+from nanogpt_lightning.devices import auto_precision, autocast_for, check_precision, pick_device
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model import GPT, GPTConfig
 from nanogpt_lightning.pretrained import is_pretrained
@@ -56,9 +55,6 @@ def load_model(spec: str, device: torch.device) -> tuple[GPT, Tokenizer, dict, P
     return *load_checkpoint(path, device), path
 
 
-LOW_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-
-
 def sampling_precision(precision: str, checkpoint: dict, device: torch.device) -> str:
     """`run`: the precision the checkpoint's run trained in (float32 for pretrained weights); `auto`: what
     trainer.precision=auto picks on `device`; else the one named. Refused in one line where the device lacks it."""
@@ -68,12 +64,6 @@ def sampling_precision(precision: str, checkpoint: dict, device: torch.device) -
         precision = auto_precision(device)
     check_precision(precision, device, "precision")
     return precision
-
-
-def autocast_for(precision: str, device: torch.device):
-    """The context sampling runs in: autocast in the low precision of a mixed one, else nothing."""
-    dtype = LOW_PRECISION_DTYPES.get(precision)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def title(path: Path, checkpoint: dict) -> str:
