@@ -1,5 +1,5 @@
 """scripts/bench.py runs all four loops, and two in bf16-mixed, on a tiny config and prints its table, and nothing
-of its participants."""
+of its participants; the plain loop compiled as nanoGPT compiles it."""
 
 import math
 import re
@@ -47,3 +47,75 @@ def test_bench_prints_its_table_with_real_figures_only(tmp_path):
     assert "time per iteration vs plain:" in out
     assert re.search(r"^in bf16-mixed: lightning\+fused \d+\.\d\dx of plain in bf16-mixed, \d+\.\d\dx of "
                      r"lightning\+fused in 32-true$", out, re.MULTILINE), out
+
+
+class _CountingClock:
+    """Stands in for the bench's Clock: counts the iterations, no turns."""
+
+    def __init__(self):
+        self.ticks = 0
+
+    def start(self):
+        pass
+
+    def begin_iterations(self):
+        pass
+
+    def tick(self):
+        self.ticks += 1
+
+
+def test_plain_loop_compiled_is_nanogpts_compile_of_the_whole_model_and_trains_the_same(
+        tmp_path, monkeypatch, capsys):
+    """plain+compile: the plain loop on torch.compile(model) (dynamo with its `eager` backend here, so no C++
+    build in CI): the compiled model is the GPT itself and its losses equal the uncompiled loop's."""
+    import torch
+
+    from nanogpt_lightning.benchmark import plain_pytorch_loop, precision_variants, variant_config
+    from nanogpt_lightning.config import compose_train_config
+    from nanogpt_lightning.model import GPT
+    from nanogpt_lightning.training import build_datamodule
+
+    real_compile, compiled_models = torch.compile, []
+
+    def eager_compile(model, **kwargs):
+        compiled_models.append(model)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    text = tmp_path / "text.txt"
+    text.write_text("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.\n" * 60)
+    cfg = compose_train_config(["data=text", f"data.input_file={text}", f"data.data_dir={tmp_path / 'data'}",
+                                "data.block_size=16", "data.batch_size=4", "model.n_layer=1", "model.n_head=2",
+                                "model.n_embd=32", "log_interval=1"], str(tmp_path / "run"))
+    build_datamodule(cfg).prepare_data()
+    losses = {}
+    for compiled in (False, True):
+        clock = _CountingClock()
+        config = variant_config(cfg, fused_loss=False, max_steps=6, accelerator="cpu", compiled=compiled)
+        plain_pytorch_loop(config, torch.device("cpu"), 6, clock, compiled)
+        assert clock.ticks == 6
+        losses[compiled] = re.findall(r"^plain iter \d+: loss (\S+)$", capsys.readouterr().out, re.MULTILINE)
+    assert len(compiled_models) == 1 and isinstance(compiled_models[0], GPT)
+    assert len(losses[True]) == 6 and losses[True] == losses[False]
+    assert list(precision_variants("32-true", compiled=True)) == VARIANTS[:4] + ["plain+compile", "lightning+fused+compile"]
+    assert precision_variants("bf16-mixed", compiled=True) == ("plain", "lightning+fused", "plain+compile",
+                                                               "lightning+fused+compile")
+
+
+def test_bench_compile_without_a_compiler_is_one_line(tmp_path, monkeypatch):
+    import shutil
+
+    import pytest
+
+    from nanogpt_lightning import benchmark
+    from nanogpt_lightning.errors import UserError
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 40)
+    with pytest.raises(UserError) as err:
+        benchmark.run(["data=text", f"data.input_file={text}", f"data.data_dir={tmp_path / 'data'}",
+                       "trainer.accelerator=cpu"], 1, 1, 1, precisions="", compiled=True)
+    assert str(err.value) == ("bench.py --compile: torch.compile on cpu needs a C++ compiler (g++ or clang++) on the "
+                              "PATH; install one or pass --no-compile")

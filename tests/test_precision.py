@@ -115,12 +115,12 @@ def test_model_compile_where_it_cannot_work_is_one_line(monkeypatch):
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(UserError) as err:
-        check_compile(torch.device("cpu"), "model.compile")
+        check_compile(torch.device("cpu"))
     assert str(err.value) == ("model.compile=true: torch.compile on cpu needs a C++ compiler (g++ or clang++) on "
                               "the PATH; install one or pass model.compile=false")
     monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
     with pytest.raises(UserError, match="torch.compile does not support this Python or platform"):
-        check_compile(torch.device("cuda"), "model.compile")
+        check_compile(torch.device("cuda"))
 
 
 def test_trainer_precision_auto_becomes_the_devices_pick_and_the_run_records_that(monkeypatch, tmp_path):

@@ -11,6 +11,10 @@
 `lightning+fused` runs with trainer.precision set to it. Each row's GFLOP/s is set against its own
 precision's matmul peak.
 
+`--compile` (the default on cuda, nanoGPT's own GPU setting) adds, in each precision, `plain+compile`: the
+plain loop on `torch.compile(model)` as nanoGPT's train.py compiles it, and `lightning+fused+compile`:
+`lightning+fused` with model.compile=true. Compiling happens in the warm-up iterations, which are not timed.
+
 Each variant runs in its own process, but only one at a time: after `warmup` iterations, then after each
 `steps` more, it hands over to the next one, so machine noise falls on all variants alike. Matmuls
 take their turn too (fp32, and each low precision), giving the machine's peaks under the same
@@ -42,8 +46,8 @@ from omegaconf import DictConfig
 
 from nanogpt_lightning.config import compose_train_config
 from nanogpt_lightning.cpu_memory import OFF_SWITCH, tune_cpu_memory
-from nanogpt_lightning.devices import (MIXED_PRECISION_DTYPES, auto_precision, autocast_for, check_precision,
-                                       pick_device)
+from nanogpt_lightning.devices import (MIXED_PRECISION_DTYPES, auto_precision, autocast_for, check_compile,
+                                       check_precision, pick_device)
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.fused_loss import matmul, onednn_in_use
 from nanogpt_lightning.training import build_datamodule, build_loggers, build_module, build_trainer
@@ -51,6 +55,8 @@ from nanogpt_lightning.training import build_datamodule, build_loggers, build_mo
 MATMULS_PER_TURN = 5
 VARIANTS = ("plain", "plain+tuned", "lightning", "lightning+fused")
 LOW_PRECISION_VARIANTS = ("plain", "lightning+fused")  # the reference and ours, in each low precision
+COMPILED_VARIANTS = ("plain+compile", "lightning+fused+compile")  # the same two compiled, in each precision
+COMPILED = "+compile"
 FLOAT32 = "32-true"
 # environment of each variant's process: nanoGPT's loop as people run it, without the CPU memory settings
 # (nor the huge-page switch that this process's tune_cpu_memory put in its environment); the others
@@ -212,9 +218,18 @@ def participant_name(variant: str, precision: str) -> str:
     return variant if precision == FLOAT32 else f"{variant} {precision}"
 
 
-def plain_pytorch_loop(cfg: DictConfig, device: torch.device, iterations: int, clock: Clock) -> None:
+def precision_variants(precision: str, compiled: bool) -> tuple[str, ...]:
+    """The loops timed in one precision: all four in float32, the reference and ours in a low one; with
+    `compiled`, also those two compiled."""
+    variants = VARIANTS if precision == FLOAT32 else LOW_PRECISION_VARIANTS
+    return variants + (COMPILED_VARIANTS if compiled else ())
+
+
+def plain_pytorch_loop(cfg: DictConfig, device: torch.device, iterations: int, clock: Clock,
+                       compiled: bool = False) -> None:
     """nanoGPT's train.py loop, on the project's GPT with `F.cross_entropy` on the full logits; in a low
-    precision under autocast, with a gradient scaler for float16 (nanoGPT's `ctx` and `scaler`)."""
+    precision under autocast, with a gradient scaler for float16 (nanoGPT's `ctx` and `scaler`); `compiled`:
+    on torch.compile(model), as nanoGPT's `compile=True`."""
     datamodule = build_datamodule(cfg)
     L.seed_everything(cfg.seed, verbose=False)
     model = build_module(cfg, datamodule).model.to(device)
@@ -224,6 +239,8 @@ def plain_pytorch_loop(cfg: DictConfig, device: torch.device, iterations: int, c
     optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.optimizer.weight_decay), lr=cfg.optimizer.lr,
                                   betas=tuple(cfg.optimizer.betas), fused=device.type == "cuda")
     scheduler = instantiate(cfg.scheduler)(optimizer)  # sets the learning rate of each iteration
+    if compiled:  # after the optimizer is built on its parameters, as nanoGPT does
+        model = torch.compile(model)
     autocast = autocast_for(str(cfg.trainer.precision), device)
     scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16-mixed")
 
@@ -291,9 +308,10 @@ def matmul_flops(device: torch.device) -> float:
 
 
 def variant_config(cfg: DictConfig, fused_loss: bool, max_steps: int, accelerator: str,
-                   precision: str = FLOAT32) -> DictConfig:
+                   precision: str = FLOAT32, compiled: bool = False) -> DictConfig:
     cfg = cfg.copy()
     cfg.model.fused_loss = fused_loss
+    cfg.model.compile = compiled
     cfg.trainer.max_steps = max_steps
     cfg.trainer.accelerator = accelerator
     cfg.trainer.precision = precision
@@ -361,9 +379,11 @@ def _participant(name: str, variant: str, precision: str, index: int, overrides:
         else:
             clock = Clock(index, turns, [warmup] + [steps] * rounds, device, TrainingMemory(device))
             iterations = warmup + rounds * steps
-            config = variant_config(cfg, variant == "lightning+fused", iterations, device.type, precision)
+            compiled = variant.endswith(COMPILED)
+            config = variant_config(cfg, variant.startswith("lightning+fused"), iterations, device.type, precision,
+                                    compiled)
             if variant.startswith("plain"):
-                plain_pytorch_loop(config, device, iterations, clock)
+                plain_pytorch_loop(config, device, iterations, clock, compiled)
             else:
                 lightning_loop(config, clock)
         results.put((name, clock.times, clock.peak_memory, None))
@@ -394,9 +414,10 @@ def _collect(results, processes) -> list[tuple]:
     return outcomes
 
 
-def run(overrides: list[str], warmup: int, rounds: int, steps: int,
-        precisions: str = "auto") -> dict[str, tuple[list[float], int | None]]:
-    """Returns each participant's seconds per timed iteration and peak memory."""
+def run(overrides: list[str], warmup: int, rounds: int, steps: int, precisions: str = "auto",
+        compiled: bool | None = None) -> dict[str, tuple[list[float], int | None]]:
+    """Returns each participant's seconds per timed iteration and peak memory. compiled: add the compiled
+    variants (None: on cuda only)."""
     if warmup < 1 or rounds < 1 or steps < 1:
         raise UserError("need --warmup, --rounds and --steps >= 1")
     output_dir = tempfile.mkdtemp(prefix="nanogpt-bench-")
@@ -406,11 +427,14 @@ def run(overrides: list[str], warmup: int, rounds: int, steps: int,
                         "not trainer.precision")
     device = pick_device(cfg.trainer.accelerator, "trainer.accelerator")
     precisions = bench_precisions(precisions, device)
+    compiled = device.type == "cuda" if compiled is None else compiled
+    if compiled:
+        check_compile(device, "bench.py --compile", "--no-compile")
     low_dtypes = [MIXED_PRECISION_DTYPES[p] for p in precisions[1:]]
     build_datamodule(cfg).prepare_data()
     participants = [("matmul", "matmul", FLOAT32)] + [
         (participant_name(variant, precision), variant, precision)
-        for precision in precisions for variant in (VARIANTS if precision == FLOAT32 else LOW_PRECISION_VARIANTS)]
+        for precision in precisions for variant in precision_variants(precision, compiled)]
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no thread pools carried over
     turns = Turns(len(participants), context)
     results = context.Queue()
@@ -423,7 +447,7 @@ def run(overrides: list[str], warmup: int, rounds: int, steps: int,
     ]
     try:
         for process, (_, variant, _) in zip(processes, participants):
-            with _environment(ENVIRONMENT.get(variant, {})):
+            with _environment(ENVIRONMENT.get(variant.removesuffix(COMPILED), {})):
                 process.start()
         outcomes = _collect(results, processes)
     except BaseException:  # Ctrl+C, or a participant died: the others would wait for their turns forever
@@ -440,11 +464,11 @@ def run(overrides: list[str], warmup: int, rounds: int, steps: int,
         kind, message = errors[0]
         raise UserError(message) if kind == USER_ERROR else RuntimeError(f"a bench process failed:\n{message}")
     measured = {name: (times, peak) for name, times, peak, _ in outcomes}
-    report(cfg, device, precisions, measured, TrainingMemory(device).method, output_dir)
+    report(cfg, device, precisions, compiled, measured, TrainingMemory(device).method, output_dir)
     return measured
 
 
-def report(cfg: DictConfig, device: torch.device, precisions: list[str],
+def report(cfg: DictConfig, device: torch.device, precisions: list[str], compiled: bool,
            measured: dict[str, tuple[list[float], int | None]], memory_method: str | None, output_dir: str) -> None:
     datamodule = build_datamodule(cfg)
     tokens = datamodule.batch_size * datamodule.block_size * cfg.trainer.accumulate_grad_batches
@@ -473,7 +497,7 @@ def report(cfg: DictConfig, device: torch.device, precisions: list[str],
           f"{'% peak':>7} {'peak MB':>8}")
     medians = {}
     for precision in precisions:
-        for variant in VARIANTS if precision == FLOAT32 else LOW_PRECISION_VARIANTS:
+        for variant in precision_variants(precision, compiled):
             name = participant_name(variant, precision)
             times, mem = measured[name]
             times = sorted(times)
@@ -490,6 +514,13 @@ def report(cfg: DictConfig, device: torch.device, precisions: list[str],
         ours, plain = (medians[participant_name(v, precision)] for v in ("lightning+fused", "plain"))
         print(f"in {precision}: lightning+fused {ours / plain:.2f}x of plain in {precision}, "
               f"{ours / medians['lightning+fused']:.2f}x of lightning+fused in 32-true")
+    if compiled:
+        for precision in precisions:
+            ours, plain = (medians[participant_name(v, precision)] for v in COMPILED_VARIANTS[::-1])
+            best = min((medians[participant_name(v, precision)], v)
+                       for v in ("lightning+fused", "lightning+fused+compile"))
+            print(f"compiled, in {precision}: lightning+fused+compile {ours / plain:.2f}x of plain+compile; "
+                  f"our faster loop ({best[1]}) {best[0] / plain:.2f}x of plain+compile")
     environment = {key: os.environ.get(key, "unset") for key in (OFF_SWITCH, "THP_MEM_ALLOC_ENABLE")}
     environment |= {key: value for key, value in os.environ.items() if key.startswith("MALLOC_")}
     print("plain+tuned: the plain loop with this package's CPU memory settings (huge pages, malloc: cpu_memory.py), "
@@ -506,8 +537,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="iterations per variant left out first (default 3)")
     parser.add_argument("--rounds", type=int, default=5, help="turns per variant after warm-up (default 5)")
     parser.add_argument("--steps", type=int, default=4, help="iterations per turn (default 4)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time plain+compile and lightning+fused+compile (default: on cuda only)")
     parser.add_argument("--precisions", default="auto",
                         help="low precisions to add to 32-true, comma-separated: bf16-mixed, 16-mixed, or auto "
                              "(default: what trainer.precision=auto picks here; nothing more where that is 32-true)")
     args, overrides = parser.parse_known_args(argv)
-    run(overrides, args.warmup, args.rounds, args.steps, args.precisions)
+    run(overrides, args.warmup, args.rounds, args.steps, args.precisions, args.compile)

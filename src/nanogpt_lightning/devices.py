@@ -83,10 +83,11 @@ def check_precision(precision: str, device: torch.device, key: str) -> None:
         raise UserError(f"{key}={precision} needs macOS 14 or newer on mps; pass {key}=16-mixed or {key}=32-true")
 
 
-def check_compile(device: torch.device, key: str) -> None:
+def check_compile(device: torch.device, asked_by: str = "model.compile=true",
+                  switch_off: str = "model.compile=false") -> None:
     """Refuse torch.compile in one line where it cannot work, instead of failing at the first iteration."""
     if not torch._dynamo.is_dynamo_supported():
-        raise UserError(f"{key}=true: torch.compile does not support this Python or platform; pass {key}=false")
+        raise UserError(f"{asked_by}: torch.compile does not support this Python or platform; pass {switch_off}")
     if device.type == "cpu" and not any(shutil.which(name) for name in ("g++", "clang++", "c++", "cl")):
-        raise UserError(f"{key}=true: torch.compile on cpu needs a C++ compiler (g++ or clang++) on the PATH; "
-                        f"install one or pass {key}=false")
+        raise UserError(f"{asked_by}: torch.compile on cpu needs a C++ compiler (g++ or clang++) on the PATH; "
+                        f"install one or pass {switch_off}")

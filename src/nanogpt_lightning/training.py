@@ -82,7 +82,7 @@ def build_module(cfg: DictConfig, datamodule) -> GPTModule:
     spec = model_settings.pop("init_from", None)
     compile_model = model_settings.pop("compile", False)
     if compile_model:
-        check_compile(pick_device(cfg.trainer.accelerator, key="trainer.accelerator"), "model.compile")
+        check_compile(pick_device(cfg.trainer.accelerator, key="trainer.accelerator"))
     pretrained = None
     try:
         if spec is None:
