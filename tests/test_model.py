@@ -16,6 +16,7 @@ MODEL_OPTIONS = {
     "untied": dict(tie_embeddings=False),
     "softcap": dict(logit_softcap=5.0),
     "zero_init": dict(zero_init=True),
+    "value_embeddings": dict(value_embeddings=True),
 }
 OPTION_SETS = {"default": {}, **MODEL_OPTIONS,
                "all": {key: value for option in MODEL_OPTIONS.values() for key, value in option.items()}}
@@ -124,7 +125,7 @@ def test_a_config_without_the_new_keys_builds_the_old_model():
     config = GPTConfig(**stored)
     assert {k: v for k, v in asdict(config).items() if k in stored} == stored
     assert (config.rotary, config.norm, config.qk_norm, config.mlp, config.tie_embeddings, config.logit_softcap,
-            config.zero_init) == (False, "layernorm", False, "gelu", True, None, False)
+            config.zero_init, config.value_embeddings) == (False, "layernorm", False, "gelu", True, None, False, False)
     model = GPT(config)
     assert list(model.state_dict()) == OLD_STATE_DICT_KEYS
     assert model.transformer.wte.weight is model.lm_head.weight
@@ -135,9 +136,13 @@ def test_a_config_without_the_new_keys_builds_the_old_model():
 
 @pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
 def test_state_dict_keys_of_every_option(options):
-    """Only rotary changes the parameter names (no wpe); its cos/sin table is not saved."""
+    """Only rotary (no wpe) and the value embeddings (vte, one table per layer) change the parameter names;
+    rotary's cos/sin table is not saved."""
     model = tiny_gpt(**options)
     expected = [k for k in OLD_STATE_DICT_KEYS if not (options.get("rotary") and k == "transformer.wpe.weight")]
+    if options.get("value_embeddings"):
+        at = expected.index("transformer.h.0.ln_1.weight")
+        expected[at:at] = ["transformer.vte.0.weight", "transformer.vte.1.weight"]
     assert list(model.state_dict()) == expected
     assert ("wpe" in model.transformer) != bool(options.get("rotary"))
     GPT(model.config).load_state_dict(model.state_dict())  # strict
@@ -149,6 +154,8 @@ def test_parameter_count_leaves_out_embedding_lookups_only(options):
     lookups = 0 if options.get("rotary") else 16 * 32  # wpe
     if not options.get("tie_embeddings", True):
         lookups += 65 * 32  # wte, not the output layer
+    if options.get("value_embeddings"):
+        lookups += 2 * 65 * 32  # a table per layer
     assert model.num_params(non_embedding=False) == sum(p.numel() for p in model.parameters())
     assert model.num_params() == model.num_params(non_embedding=False) - lookups
 
@@ -206,3 +213,31 @@ def test_weight_decay_groups_cover_every_parameter_once():
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     ids = [id(p) for p in decay["params"] + no_decay["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
+
+
+def test_value_embeddings_start_at_zero_and_add_each_layers_token_vector_to_the_values():
+    """Zero tables give the model without them (same weights otherwise); a layer's table row for a token is
+    what that layer's attention adds to its values, at exactly the positions holding the token, and the
+    change reaches no earlier position."""
+    model = tiny_gpt(value_embeddings=True)
+    plain = tiny_gpt()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("transformer.vte.")})
+    x = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert all(not table.weight.any() for table in model.transformer.vte)
+    before = model.hidden_states(x)
+    torch.testing.assert_close(before, plain.hidden_states(x))
+
+    token = int(x[0, 3])
+    with torch.no_grad():
+        model.transformer.vte[1].weight[token] = torch.arange(32.0) / 32
+    attn, added = model.transformer.h[1].attn, {}
+    forward = attn.forward
+    attn.forward = lambda h, kv_cache, rotary, value_embedding: (
+        added.setdefault("v", value_embedding), forward(h, kv_cache, rotary, value_embedding))[1]
+    after = model.hidden_states(x)
+    expected = torch.zeros(2, 16, 32)
+    expected[x == token] = torch.arange(32.0) / 32
+    torch.testing.assert_close(added["v"], expected)
+    first = int((x[0] == token).nonzero()[0])
+    torch.testing.assert_close(after[0, :first], before[0, :first])
+    assert not torch.allclose(after[0, first:], before[0, first:])

@@ -181,6 +181,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "model.tie_embeddings": BOOLEAN,
     "model.logit_softcap": number("30", nullable=True),
     "model.zero_init": BOOLEAN,
+    "model.value_embeddings": BOOLEAN,
     "module.skip_nonfinite": BOOLEAN,
     "optimizer.lr": number("0.001"),
     "optimizer.weight_decay": number("0.1", zero_allowed=True),

@@ -35,6 +35,7 @@ class GPTConfig:
     tie_embeddings: bool = True  # False: the output layer lm_head is its own matrix, not the token embedding
     logit_softcap: float | None = None  # a number c > 0: logits = c * tanh(logits / c)
     zero_init: bool = False  # zero-initialise the output projections (c_proj) and an untied lm_head
+    value_embeddings: bool = False  # each layer adds a token-indexed vector (its own table, zero at start) to v
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -119,11 +120,14 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.qk_norm = config.qk_norm
 
-    def forward(self, x, kv_cache=None, rotary=None):
+    def forward(self, x, kv_cache=None, rotary=None, value_embedding=None):
         """kv_cache: None, or a dict holding this layer's past keys and values, extended in place.
-        rotary: None, or the (cos, sin) of the positions of x (see apply_rotary)."""
+        rotary: None, or the (cos, sin) of the positions of x (see apply_rotary).
+        value_embedding: None, or (B, T, C) vectors of x's tokens, added to the values."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
+        if value_embedding is not None:
+            v = v + value_embedding
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.qk_norm:  # norm, then rotary (as modded-nanogpt): rotation keeps the norm
             q, k = F.rms_norm(q, (q.size(-1),), eps=1e-5), F.rms_norm(k, (k.size(-1),), eps=1e-5)
@@ -172,8 +176,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, rotary=None):
-        x = x + self.attn(self.ln_1(x), kv_cache, rotary)
+    def forward(self, x, kv_cache=None, rotary=None, value_embedding=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, rotary, value_embedding)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -185,6 +189,8 @@ class GPT(nn.Module):
         modules = dict(wte=nn.Embedding(vocab, config.n_embd))
         if not config.rotary:
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        if config.value_embeddings:  # beside the blocks, not in them: embeddings, trained by AdamW under Muon
+            modules["vte"] = nn.ModuleList([nn.Embedding(vocab, config.n_embd) for _ in range(config.n_layer)])
         modules.update(
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
@@ -209,6 +215,9 @@ class GPT(nn.Module):
                     torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if config.zero_init and not config.tie_embeddings:
             torch.nn.init.zeros_(self.lm_head.weight)
+        if config.value_embeddings:  # start as the model without them
+            for table in self.transformer.vte:
+                torch.nn.init.zeros_(table.weight)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -219,12 +228,15 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; embedding lookups are left out by default: the position table (none with rotary)
-        and the token table when it is not tied to lm_head (tied, it is the output layer's matmul)."""
+        """Parameter count; embedding lookups are left out by default: the position table (none with rotary),
+        the value embeddings, and the token table when it is not tied to lm_head (tied, it is the output
+        layer's matmul)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             if "wpe" in self.transformer:
                 n -= self.transformer.wpe.weight.numel()
+            if "vte" in self.transformer:
+                n -= sum(table.weight.numel() for table in self.transformer.vte)
             if not self.config.tie_embeddings:
                 n -= self.transformer.wte.weight.numel()
         return n
@@ -245,7 +257,8 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_caches[i] if kv_caches is not None else None, rotary)
+            value_embedding = self.transformer.vte[i](idx) if "vte" in self.transformer else None
+            x = block(x, kv_caches[i] if kv_caches is not None else None, rotary, value_embedding)
         return self.transformer.ln_f(x)
 
     def logits(self, hidden):
