@@ -47,6 +47,9 @@ CASES = {
     "unknown config group option": (lambda d: ["model=gpt5"], None),
     "n_embd not divisible by n_head": (lambda d: ["model.n_embd=30", "model.n_head=4"],
                                        "model.n_embd (30) must be divisible by model.n_head (4)"),
+    "an optimizer key the chosen optimizer lacks": (  # e.g. Muon's, left by an experiment after optimizer=adamw
+        lambda d: ["optimizer=adamw", "+optimizer.adamw_lr=0.01"],
+        "optimizer.adamw_lr is not a setting of this optimizer (adamw); drop it with ~optimizer.adamw_lr"),
     "truncated checkpoint": (
         lambda d: [f"ckpt_path={write(d / 'torn.ckpt', (d / 'prev/checkpoints/last.ckpt').read_bytes()[:5000])}"],
         "cannot read checkpoint {d}/torn.ckpt, it is truncated or not a checkpoint ("),

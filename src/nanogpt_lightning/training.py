@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shlex
 import warnings
 from pathlib import Path
@@ -110,6 +111,15 @@ def build_module(cfg: DictConfig, datamodule) -> GPTModule:
         module.configure_optimizers()  # a dry run: bad optimizer.* or scheduler.* settings fail here, not mid-fit
     except ValueError as err:
         raise UserError(str(err)) from None
+    except TypeError as err:  # a key the chosen optimizer or scheduler does not take, e.g. left by an experiment
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unknown is None:
+            raise
+        key = unknown.group(1)
+        group = next(g for g in ("optimizer", "scheduler") if key in cfg[g])
+        target = cfg[group]._target_.rsplit(".", 1)[-1]
+        raise UserError(f"{group}.{key} is not a setting of this {group} ({target}); drop it with ~{group}.{key}") \
+            from None
     return module
 
 
