@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
-import re
 import shlex
 import warnings
 from pathlib import Path
@@ -14,7 +14,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
@@ -99,6 +99,8 @@ def build_module(cfg: DictConfig, datamodule) -> GPTModule:
                     cfg.model[key] = getattr(model_config, key)
     except ValueError as err:
         raise UserError(str(err)) from None
+    for group in ("optimizer", "scheduler"):
+        check_settings_taken(cfg, group)
     module = instantiate(cfg.module)(model_config, datamodule.meta["tokenizer"],
                                      optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler),
                                      data=datamodule.identity, run_settings=run_settings(cfg),
@@ -111,16 +113,20 @@ def build_module(cfg: DictConfig, datamodule) -> GPTModule:
         module.configure_optimizers()  # a dry run: bad optimizer.* or scheduler.* settings fail here, not mid-fit
     except ValueError as err:
         raise UserError(str(err)) from None
-    except TypeError as err:  # a key the chosen optimizer or scheduler does not take, e.g. left by an experiment
-        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
-        if unknown is None:
-            raise
-        key = unknown.group(1)
-        group = next(g for g in ("optimizer", "scheduler") if key in cfg[g])
-        target = cfg[group]._target_.rsplit(".", 1)[-1]
-        raise UserError(f"{group}.{key} is not a setting of this {group} ({target}); drop it with ~{group}.{key}") \
-            from None
     return module
+
+
+def check_settings_taken(cfg: DictConfig, group: str) -> None:
+    """Refuse, in one line, a key of `group` that its target does not take: e.g. Muon's keys, left by an
+    experiment, after optimizer=adamw (the call would fail with a TypeError)."""
+    target = get_method(cfg[group]._target_)
+    parameters = inspect.signature(target).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        return
+    for key in cfg[group]:
+        if not key.startswith("_") and key not in parameters:
+            name = cfg[group]._target_.rsplit(".", 1)[-1]
+            raise UserError(f"{group}.{key} is not a setting of this {group} ({name}); drop it with ~{group}.{key}")
 
 
 def build_loggers(logger_cfg: DictConfig | None):
