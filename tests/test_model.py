@@ -17,6 +17,7 @@ MODEL_OPTIONS = {
     "softcap": dict(logit_softcap=5.0),
     "zero_init": dict(zero_init=True),
     "value_embeddings": dict(value_embeddings=True),
+    "trigram": dict(trigram_buckets=61),
 }
 OPTION_SETS = {"default": {}, **MODEL_OPTIONS,
                "all": {key: value for option in MODEL_OPTIONS.values() for key, value in option.items()}}
@@ -125,7 +126,8 @@ def test_a_config_without_the_new_keys_builds_the_old_model():
     config = GPTConfig(**stored)
     assert {k: v for k, v in asdict(config).items() if k in stored} == stored
     assert (config.rotary, config.norm, config.qk_norm, config.mlp, config.tie_embeddings, config.logit_softcap,
-            config.zero_init, config.value_embeddings) == (False, "layernorm", False, "gelu", True, None, False, False)
+            config.zero_init, config.value_embeddings, config.trigram_buckets) == (
+        False, "layernorm", False, "gelu", True, None, False, False, 0)
     model = GPT(config)
     assert list(model.state_dict()) == OLD_STATE_DICT_KEYS
     assert model.transformer.wte.weight is model.lm_head.weight
@@ -136,13 +138,16 @@ def test_a_config_without_the_new_keys_builds_the_old_model():
 
 @pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
 def test_state_dict_keys_of_every_option(options):
-    """Only rotary (no wpe) and the value embeddings (vte, one table per layer) change the parameter names;
-    rotary's cos/sin table is not saved."""
+    """Only rotary (no wpe), the value embeddings (vte, one table per layer) and the trigram table (tte) change
+    the parameter names; rotary's cos/sin table is not saved."""
     model = tiny_gpt(**options)
     expected = [k for k in OLD_STATE_DICT_KEYS if not (options.get("rotary") and k == "transformer.wpe.weight")]
     if options.get("value_embeddings"):
         at = expected.index("transformer.h.0.ln_1.weight")
         expected[at:at] = ["transformer.vte.0.weight", "transformer.vte.1.weight"]
+    if options.get("trigram_buckets"):
+        at = expected.index("transformer.h.0.ln_1.weight")
+        expected[at:at] = ["transformer.tte.weight"]
     assert list(model.state_dict()) == expected
     assert ("wpe" in model.transformer) != bool(options.get("rotary"))
     GPT(model.config).load_state_dict(model.state_dict())  # strict
@@ -156,6 +161,8 @@ def test_parameter_count_leaves_out_embedding_lookups_only(options):
         lookups += 65 * 32  # wte, not the output layer
     if options.get("value_embeddings"):
         lookups += 2 * 65 * 32  # a table per layer
+    if options.get("trigram_buckets"):
+        lookups += 61 * 32
     assert model.num_params(non_embedding=False) == sum(p.numel() for p in model.parameters())
     assert model.num_params() == model.num_params(non_embedding=False) - lookups
 
@@ -241,3 +248,29 @@ def test_value_embeddings_start_at_zero_and_add_each_layers_token_vector_to_the_
     first = int((x[0] == token).nonzero()[0])
     torch.testing.assert_close(after[0, :first], before[0, :first])
     assert not torch.allclose(after[0, first:], before[0, first:])
+
+
+def test_trigram_buckets_hash_each_token_with_the_two_before_it_in_the_window():
+    """Before the window's first token stands a marker that is no token (65 here); a zero table gives the model
+    without it; a row reaches the input at exactly the positions hashed to it, and no earlier position."""
+    model = tiny_gpt(trigram_buckets=61)
+    x = torch.tensor([[5, 7, 9, 5, 7, 9, 11]])
+    base = 66
+    by_hand = [((65 * base + 65) * base + 5) % 61, ((65 * base + 5) * base + 7) % 61,
+               ((5 * base + 7) * base + 9) % 61, ((7 * base + 9) * base + 5) % 61,
+               ((9 * base + 5) * base + 7) % 61, ((5 * base + 7) * base + 9) % 61, ((7 * base + 9) * base + 11) % 61]
+    assert model.trigram_buckets_of(x).tolist() == [by_hand]
+    plain = tiny_gpt()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "transformer.tte.weight"})
+    before = model.hidden_states(x)
+    torch.testing.assert_close(before, plain.hidden_states(x))
+    with torch.no_grad():
+        model.transformer.tte.weight[by_hand[2]] = 1.0  # the trigram (5, 7, 9), at positions 2 and 5
+    after = model.hidden_states(x)
+    torch.testing.assert_close(after[:, :2], before[:, :2])
+    assert not torch.allclose(after[:, 2], before[:, 2])
+
+
+def test_trigram_buckets_must_not_be_negative():
+    with pytest.raises(ValueError, match="model.trigram_buckets must be 0 .off. or positive, got -1"):
+        tiny_gpt(trigram_buckets=-1)

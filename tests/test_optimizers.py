@@ -55,11 +55,11 @@ def test_split_muon_takes_the_block_matrices_adamw_the_rest_each_parameter_once(
                                                                      "mlp.c_proj"))
     assert {names[id(p)] for p in rest} >= {"transformer.wte.weight", "transformer.wpe.weight"}
     assert all(p.dim() < 2 or not names[id(p)].startswith("transformer.h.") for p in rest)
-    # value embeddings are tables beside the blocks: AdamW's, as the token embedding
-    with_tables = GPT(dataclasses.replace(CONFIG, value_embeddings=True))
+    # value embeddings and the trigram table are tables beside the blocks: AdamW's, as the token embedding
+    with_tables = GPT(dataclasses.replace(CONFIG, value_embeddings=True, trigram_buckets=61))
     hidden_too, rest_too = muon_split(with_tables)
     table_names = {n for n, p in with_tables.named_parameters() if any(p is q for q in rest_too)}
-    assert {"transformer.vte.0.weight", "transformer.vte.1.weight"} <= table_names
+    assert {"transformer.vte.0.weight", "transformer.vte.1.weight", "transformer.tte.weight"} <= table_names
     assert len(hidden_too) == len(hidden)
     optimizer = muon(model, **SETTINGS)
     in_groups = [p for g in optimizer.param_groups for p in g["params"]]

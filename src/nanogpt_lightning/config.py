@@ -182,6 +182,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "model.logit_softcap": number("30", nullable=True),
     "model.zero_init": BOOLEAN,
     "model.value_embeddings": BOOLEAN,
+    "model.trigram_buckets": integer(0, unit="buckets"),
     "module.skip_nonfinite": BOOLEAN,
     "optimizer.lr": number("0.001"),
     "optimizer.weight_decay": number("0.1", zero_allowed=True),

@@ -36,6 +36,7 @@ class GPTConfig:
     logit_softcap: float | None = None  # a number c > 0: logits = c * tanh(logits / c)
     zero_init: bool = False  # zero-initialise the output projections (c_proj) and an untied lm_head
     value_embeddings: bool = False  # each layer adds a token-indexed vector (its own table, zero at start) to v
+    trigram_buckets: int = 0  # > 0: add a hashed embedding of each token with the two before it (zero at start)
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -45,6 +46,8 @@ class GPTConfig:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model {name} must be positive, got {getattr(self, name)}")
+        if self.trigram_buckets < 0:
+            raise ValueError(f"model.trigram_buckets must be 0 (off) or positive, got {self.trigram_buckets}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         for name, kinds in (("norm", NORMS), ("mlp", MLPS)):
@@ -191,6 +194,8 @@ class GPT(nn.Module):
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         if config.value_embeddings:  # beside the blocks, not in them: embeddings, trained by AdamW under Muon
             modules["vte"] = nn.ModuleList([nn.Embedding(vocab, config.n_embd) for _ in range(config.n_layer)])
+        if config.trigram_buckets:  # an input-side table, as wte: AdamW's under Muon
+            modules["tte"] = nn.Embedding(config.trigram_buckets, config.n_embd)
         modules.update(
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
@@ -218,6 +223,8 @@ class GPT(nn.Module):
         if config.value_embeddings:  # start as the model without them
             for table in self.transformer.vte:
                 torch.nn.init.zeros_(table.weight)
+        if config.trigram_buckets:
+            torch.nn.init.zeros_(self.transformer.tte.weight)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -237,6 +244,8 @@ class GPT(nn.Module):
                 n -= self.transformer.wpe.weight.numel()
             if "vte" in self.transformer:
                 n -= sum(table.weight.numel() for table in self.transformer.vte)
+            if "tte" in self.transformer:
+                n -= self.transformer.tte.weight.numel()
             if not self.config.tie_embeddings:
                 n -= self.transformer.wte.weight.numel()
         return n
@@ -250,6 +259,8 @@ class GPT(nn.Module):
                 f"cannot forward a sequence of length {start + T}, block size is {self.config.block_size}"
             )
         x = self.transformer.wte(idx)
+        if "tte" in self.transformer:
+            x = x + self.transformer.tte(self.trigram_buckets_of(idx, kv_caches))
         rotary = None
         if self.config.rotary:
             rotary = self.rotary_cos_sin[:, start:start + T].unbind(0)
@@ -260,6 +271,21 @@ class GPT(nn.Module):
             value_embedding = self.transformer.vte[i](idx) if "vte" in self.transformer else None
             x = block(x, kv_caches[i] if kv_caches is not None else None, rotary, value_embedding)
         return self.transformer.ln_f(x)
+
+    def trigram_buckets_of(self, idx, kv_caches=None):
+        """The bucket of each token with the two tokens before it in the window (B, T). Before the window's first
+        token stands a marker that is no token, so a window scores the same whether it is passed whole or token
+        by token through the caches (which keep the last two tokens for the next call)."""
+        marker = self.config.padded_vocab_size
+        before = kv_caches[0].get("last_tokens") if kv_caches else None
+        if before is None:
+            before = torch.full_like(idx[:, :2], marker)
+        context = torch.cat((before, idx), dim=1)
+        if kv_caches is not None:
+            kv_caches[0]["last_tokens"] = context[:, -2:]
+        base = marker + 1
+        trigram = (context[:, :-2] * base + context[:, 1:-1]) * base + idx
+        return trigram % self.config.trigram_buckets
 
     def logits(self, hidden):
         """The output layer on hidden states, soft-capped when logit_softcap is set (padded vocabulary included)."""
