@@ -179,7 +179,8 @@ def test_a_bias_free_padded_exact_gelu_model_maps_to_gpt2_with_zero_biases():
 
 
 @pytest.mark.parametrize("option, value", [("rotary", True), ("norm", "rmsnorm"), ("qk_norm", True),
-                                           ("tie_embeddings", False), ("logit_softcap", 30.0), ("mlp", "relu2")])
+                                           ("tie_embeddings", False), ("logit_softcap", 30.0), ("mlp", "relu2"),
+                                           ("value_embeddings", True), ("trigram_buckets", 61)])
 def test_export_refuses_an_option_gpt2_lacks_naming_it(option, value):
     config = GPTConfig(block_size=8, vocab_size=65, **{option: value})
     with pytest.raises(UserError, match=f"cannot export a model with model.{option}="):
