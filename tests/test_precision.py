@@ -4,13 +4,14 @@ sampling runs in the run's precision (or the one asked for)."""
 import io
 
 import lightning as L
+import pytest
 import torch
 
 from conftest import fit_tiny
 from nanogpt_lightning.checkpoints import CHECKPOINT_KEY
 from nanogpt_lightning.devices import auto_precision
 from nanogpt_lightning.model import GPT
-from nanogpt_lightning.sampling import sample
+from nanogpt_lightning.sampling import sample, sampling_precision
 
 
 # clipped, with the fused AdamW (Lightning alone refuses to clip a fused optimizer under mixed precision)
@@ -68,6 +69,20 @@ def test_bf16_mixed_trains_in_bfloat16_keeps_float32_weights_resumes_exactly_and
         assert logits_dtypes == [dtype] * 3
 
 
+@pytest.mark.parametrize("trained, expected", [
+    ("bf16-mixed", "bf16-mixed"), ("bf16", "bf16-mixed"),  # Lightning's alias: the same precision
+    ("32-true", "32-true"), ("32", "32-true"), (32, "32-true"),
+    ("bf16-true", "32-true"), ("64-true", "32-true"), ("64", "32-true"),  # weights load as float32
+    ("16-mixed", "auto on cpu"), ("16", "auto on cpu"),  # float16 autocast is a GPU's: the cpu's own pick
+])
+def test_sampling_in_the_runs_precision_names_what_it_computes_in(trained, expected):
+    cpu = torch.device("cpu")
+    checkpoint = {CHECKPOINT_KEY: {"settings": {"trainer.precision": trained}}}
+    assert sampling_precision("run", checkpoint, cpu) == (auto_precision(cpu) if expected == "auto on cpu"
+                                                          else expected)
+    assert sampling_precision("run", {CHECKPOINT_KEY: {}}, cpu) == "32-true"  # pretrained weights
+
+
 def test_model_compile_compiles_each_block_in_place_and_gives_the_eager_loss(monkeypatch, tmp_path):
     """model.compile=true: the blocks go through torch.compile (dynamo; its `eager` backend here, as
     inductor's C++ build takes ~45 s on a 2-core CPU), weights keep their names, loss and gradients are eager's."""
@@ -108,8 +123,6 @@ def test_model_compile_compiles_each_block_in_place_and_gives_the_eager_loss(mon
 def test_model_compile_where_it_cannot_work_is_one_line(monkeypatch):
     import shutil
 
-    import pytest
-
     from nanogpt_lightning.devices import check_compile
     from nanogpt_lightning.errors import UserError
 
@@ -124,8 +137,6 @@ def test_model_compile_where_it_cannot_work_is_one_line(monkeypatch):
 
 
 def test_trainer_precision_auto_becomes_the_devices_pick_and_the_run_records_that(monkeypatch, tmp_path):
-    import pytest
-
     from nanogpt_lightning import training
     from nanogpt_lightning.config import compose_train_config
     from nanogpt_lightning.errors import UserError

@@ -65,6 +65,8 @@ def auto_precision(device: torch.device) -> str:
 
 # the low precision of each mixed precision (what autocast computes in)
 MIXED_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+# Lightning's short names for its precisions (trainer.precision accepts them too)
+PRECISION_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 
 
 def autocast_for(precision: str, device: torch.device):

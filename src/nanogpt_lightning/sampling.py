@@ -17,7 +17,8 @@ import torch
 from torch.nn import functional as F
 
 from nanogpt_lightning.checkpoints import CHECKPOINT_KEY, read_checkpoint, resolve_checkpoint, trained_on
-from nanogpt_lightning.devices import auto_precision, autocast_for, check_precision, pick_device
+from nanogpt_lightning.devices import (MIXED_PRECISION_DTYPES, PRECISION_ALIASES, auto_precision, autocast_for,
+                                      check_precision, pick_device)
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model import GPT, GPTConfig
 from nanogpt_lightning.pretrained import is_pretrained
@@ -56,10 +57,16 @@ def load_model(spec: str, device: torch.device) -> tuple[GPT, Tokenizer, dict, P
 
 
 def sampling_precision(precision: str, checkpoint: dict, device: torch.device) -> str:
-    """`run`: the precision the checkpoint's run trained in (float32 for pretrained weights); `auto`: what
-    trainer.precision=auto picks on `device`; else the one named. Refused in one line where the device lacks it."""
+    """`run`: the mixed precision the checkpoint's run trained in, else float32 (pretrained weights, a run kept
+    wholly in one dtype such as bf16-true: its weights load as float32), and where `device` lacks the run's
+    float16 autocast (a GPU run sampled on cpu) what `auto` picks; `auto`: what trainer.precision=auto picks
+    on `device`; else the one named. Refused in one line where the device lacks it."""
     if precision == "run":
-        precision = str(checkpoint[CHECKPOINT_KEY].get("settings", {}).get("trainer.precision", "32-true"))
+        trained = str(checkpoint[CHECKPOINT_KEY].get("settings", {}).get("trainer.precision", "32-true"))
+        trained = PRECISION_ALIASES.get(trained, trained)
+        precision = trained if trained in MIXED_PRECISION_DTYPES else "32-true"
+        if precision == "16-mixed" and device.type == "cpu":
+            precision = auto_precision(device)
     elif precision == "auto":
         precision = auto_precision(device)
     check_precision(precision, device, "precision")
