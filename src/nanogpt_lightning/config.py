@@ -71,8 +71,9 @@ def _is_number(value: Any) -> bool:
 
 
 def integer(minimum: int, maximum: int | None = None, also: tuple[int, ...] = (), unit: str = "",
-            nullable: bool = False) -> Rule:
-    """An int (not a bool, not 2000.0) >= `minimum` (0 or 1; <= `maximum`), or one of the values in `also`."""
+            nullable: bool = False, example: str | None = None) -> Rule:
+    """An int (not a bool, not 2000.0) >= `minimum` (0 or 1; <= `maximum`), or one of the values in `also`;
+    `example` is the value a refusal suggests (by default the smallest positive one)."""
     if unit:
         description = f"a {'positive' if minimum == 1 else 'non-negative'} number of {unit}"
     else:
@@ -89,7 +90,7 @@ def integer(minimum: int, maximum: int | None = None, also: tuple[int, ...] = ()
             return f"write it without a decimal point or exponent: {key}={int(value)}"
         return None
 
-    return Rule(description, str(max(minimum, 1)), accepts, nullable, hint)
+    return Rule(description, example or str(max(minimum, 1)), accepts, nullable, hint)
 
 
 def number(example: str, zero_allowed: bool = False, below: float | None = None, nullable: bool = False) -> Rule:
@@ -182,7 +183,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "model.logit_softcap": number("30", nullable=True),
     "model.zero_init": BOOLEAN,
     "model.value_embeddings": BOOLEAN,
-    "model.trigram_buckets": integer(0, unit="buckets"),
+    "model.trigram_buckets": integer(0, unit="buckets", example="8191"),
     "module.skip_nonfinite": BOOLEAN,
     "optimizer.lr": number("0.001"),
     "optimizer.weight_decay": number("0.1", zero_allowed=True),

@@ -39,8 +39,7 @@ EXPORTED_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
 # model options whose GPT-2 value is the only one GPT2LMHeadModel has (zero_init is only an initialisation,
 # bias=false is exported as zero biases: the same function)
 GPT2_OPTIONS = {"rotary": False, "norm": "layernorm", "qk_norm": False, "tie_embeddings": True,
-                "logit_softcap": None, "value_embeddings": False,
-                "trigram_buckets": 0}
+                "logit_softcap": None, "value_embeddings": False, "trigram_buckets": 0}
 GPT2_EOS = 50256  # <|endoftext|>
 
 
