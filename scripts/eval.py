@@ -11,7 +11,7 @@ from nanogpt_lightning.errors import exit_on_user_error
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     validate_eval_config(cfg)  # a bad setting is refused before the seconds of loading PyTorch
-    from nanogpt_lightning.evaluation import evaluate
+    from nanogpt_lightning.tools.evaluate import evaluate
 
     evaluate(**OmegaConf.to_container(cfg))
 

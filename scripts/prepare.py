@@ -13,7 +13,7 @@ from nanogpt_lightning.config import compose_train_config  # noqa: E402
 def main(overrides: list[str]) -> None:
     cfg = compose_train_config(overrides)  # checked before the seconds of loading PyTorch and Lightning
     with ctrl_c_held():
-        from nanogpt_lightning.training import build_datamodule
+        from nanogpt_lightning.train.run import build_datamodule
 
     build_datamodule(cfg).prepare_data(force=True)
 

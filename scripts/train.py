@@ -13,8 +13,8 @@ with ctrl_c_held():
     from omegaconf import DictConfig
 
     from nanogpt_lightning.config import register_resolvers, validate_train_config
-    from nanogpt_lightning.rundir import remove_run_dir_on_early_failure
-    from nanogpt_lightning.sweeps import report_sweep_job
+    from nanogpt_lightning.train.rundir import remove_run_dir_on_early_failure
+    from nanogpt_lightning.train.sweeps import report_sweep_job
 
 register_resolvers()  # before hydra.main composes the config
 
@@ -26,7 +26,7 @@ register_resolvers()  # before hydra.main composes the config
 def main(cfg: DictConfig) -> float:
     validate_train_config(cfg)  # a bad setting is refused before the seconds of loading PyTorch and Lightning
     with ctrl_c_held():
-        from nanogpt_lightning.training import train
+        from nanogpt_lightning.train.run import train
 
     return train(cfg)
 

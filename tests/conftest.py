@@ -46,10 +46,10 @@ def fit_tiny(run: Path, max_steps: int, *callbacks, val_check_interval: int = 3,
 
     import lightning as L
 
-    from nanogpt_lightning.data import TextDataModule
-    from nanogpt_lightning.model import GPTConfig
-    from nanogpt_lightning.module import GPTModule, WarmupCosineLR
-    from nanogpt_lightning.optimizers import adamw
+    from nanogpt_lightning.data.prepare import TextDataModule
+    from nanogpt_lightning.model.gpt import GPTConfig
+    from nanogpt_lightning.train.module import GPTModule, WarmupCosineLR
+    from nanogpt_lightning.train.optimizers import adamw
 
     data = TextDataModule(data_dir=str(run.parent / "data"), input_file=str(SONNETS), block_size=8,
                           batch_size=2, eval_iters=1)

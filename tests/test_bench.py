@@ -71,10 +71,10 @@ def test_plain_loop_compiled_is_nanogpts_compile_of_the_whole_model_and_trains_t
     build in CI): the compiled model is the GPT itself and its losses equal the uncompiled loop's."""
     import torch
 
-    from nanogpt_lightning.benchmark import plain_pytorch_loop, precision_variants, variant_config
+    from nanogpt_lightning.tools.bench import plain_pytorch_loop, precision_variants, variant_config
     from nanogpt_lightning.config import compose_train_config
-    from nanogpt_lightning.model import GPT
-    from nanogpt_lightning.training import build_datamodule
+    from nanogpt_lightning.model.gpt import GPT
+    from nanogpt_lightning.train.run import build_datamodule
 
     real_compile, compiled_models = torch.compile, []
 
@@ -108,7 +108,7 @@ def test_bench_compile_without_a_compiler_is_one_line(tmp_path, monkeypatch):
 
     import pytest
 
-    from nanogpt_lightning import benchmark
+    from nanogpt_lightning.tools import bench as benchmark
     from nanogpt_lightning.errors import UserError
 
     monkeypatch.setattr(shutil, "which", lambda name: None)

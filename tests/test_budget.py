@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import fit_tiny
-from nanogpt_lightning.callbacks import TimeBudget
-from nanogpt_lightning.checkpoints import resume_path, seconds_trained
+from nanogpt_lightning.train.callbacks import TimeBudget
+from nanogpt_lightning.train.checkpoints import resume_path, seconds_trained
 from nanogpt_lightning.errors import UserError
 
 BUDGET_S = 3.0  # long enough for more than 100 iterations (an evaluation at 100) on a busy 2-core machine

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from nanogpt_lightning.checkpoints import (CHECKPOINT_KEY, check_resumable, check_same_data, check_same_settings,
+from nanogpt_lightning.train.checkpoints import (CHECKPOINT_KEY, check_resumable, check_same_data, check_same_settings,
                                            read_checkpoint, resolve_checkpoint)
-from nanogpt_lightning.model import GPTConfig
+from nanogpt_lightning.model.gpt import GPTConfig
 from nanogpt_lightning.errors import UserError
 
 from conftest import SONNETS

@@ -68,6 +68,6 @@ def test_big_blocks_come_from_the_heap_and_stay_there_unless_the_environment_say
 
 @linux_glibc
 def test_importing_the_package_changes_nothing_process_wide():
-    code = PROBE_MALLOC.replace("import ctypes", "import ctypes, os, nanogpt_lightning.training") + (
+    code = PROBE_MALLOC.replace("import ctypes", "import ctypes, os, nanogpt_lightning.train.run") + (
         "print(os.environ.get('THP_MEM_ALLOC_ENABLE'))")
     assert run(code).splitlines() == ["mapped released", "None"]

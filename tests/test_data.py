@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from nanogpt_lightning import data as data_module
-from nanogpt_lightning.data import RandomWindows, TextDataModule, describe_data, prepare_dataset
+from nanogpt_lightning.data import prepare as data_module
+from nanogpt_lightning.data.prepare import RandomWindows, TextDataModule, describe_data, prepare_dataset
 from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.tokenizer import tokenizer_from_meta
+from nanogpt_lightning.data.tokenizer import tokenizer_from_meta
 
 from conftest import SONNETS, TINY_SHAKESPEARE
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanogpt_lightning import fused_loss
-from nanogpt_lightning.fused_loss import (
+from nanogpt_lightning.model import fused_loss
+from nanogpt_lightning.model.fused_loss import (
     CHUNK_BYTES,
     default_chunk_rows,
     fused_linear_cross_entropy,
     matmul,
 )
-from nanogpt_lightning.model import GPT, GPTConfig
+from nanogpt_lightning.model.gpt import GPT, GPTConfig
 from test_model import OPTION_SETS
 
 

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from nanogpt_lightning.callbacks import AtomicCheckpointIO, GracefulInterrupt
+from nanogpt_lightning.train.callbacks import AtomicCheckpointIO, GracefulInterrupt
 from nanogpt_lightning.errors import UserError
 
 from conftest import ITER_LINE, ROOT, STEP_LINE, TINY_RUN, run_script

@@ -7,9 +7,9 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from conftest import fit_tiny
-from nanogpt_lightning.callbacks import FINAL_TAGS, IterationLogger, LossPlot, RunSummary
+from nanogpt_lightning.train.callbacks import FINAL_TAGS, IterationLogger, LossPlot, RunSummary
 from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.loggers import wandb_logger
+from nanogpt_lightning.train.loggers import wandb_logger
 from nanogpt_lightning.plotting import curves_from_events, plot_loss, run_curves
 
 

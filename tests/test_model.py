@@ -4,7 +4,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from nanogpt_lightning.model import GPT, GPTConfig, apply_rotary, rotary_table
+from nanogpt_lightning.model.gpt import GPT, GPTConfig, apply_rotary, rotary_table
 
 # each modern option alone, and all together (tests/test_fused_loss.py and test_sampling.py use these too);
 # a small soft cap, so that it changes the logits of these tiny models

@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from nanogpt_lightning.model import GPTConfig
-from nanogpt_lightning.checkpoints import CHECKPOINT_KEY
-from nanogpt_lightning.module import GPTModule, WarmupCosineLR
-from nanogpt_lightning.optimizers import adamw
+from nanogpt_lightning.model.gpt import GPTConfig
+from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY
+from nanogpt_lightning.train.module import GPTModule, WarmupCosineLR
+from nanogpt_lightning.train.optimizers import adamw
 
 
 def schedule(**kwargs):

@@ -103,7 +103,7 @@ def test_without_skipping_the_flags_are_read_only_every_log_interval_and_before_
 
     from conftest import fit_tiny
     from nanogpt_lightning.errors import UserError
-    from nanogpt_lightning.module import GPTModule
+    from nanogpt_lightning.train.module import GPTModule
 
     reads = []
     real_read = GPTModule._first_nonfinite_iteration

@@ -9,9 +9,9 @@ import lightning as L
 import pytest
 import torch
 
-from nanogpt_lightning.model import GPT, GPTConfig
-from nanogpt_lightning.module import GPTModule, WarmupCosineLR
-from nanogpt_lightning.optimizers import BatchedMuon, MuonAdamW, muon, muon_split
+from nanogpt_lightning.model.gpt import GPT, GPTConfig
+from nanogpt_lightning.train.module import GPTModule, WarmupCosineLR
+from nanogpt_lightning.train.optimizers import BatchedMuon, MuonAdamW, muon, muon_split
 from test_data import make_datamodule
 
 CONFIG = GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=32)
@@ -197,7 +197,7 @@ def test_lightning_checkpoint_resume_repeats_an_unbroken_run(tmp_path):
 
 
 def test_ns_steps_sets_the_newton_schulz_iterations_of_each_update(monkeypatch):
-    from nanogpt_lightning import optimizers
+    from nanogpt_lightning.train import optimizers
 
     seen = []
     real = optimizers.orthogonalize

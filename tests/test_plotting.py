@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard import SummaryWriter
 
 from conftest import SONNETS, fit_tiny, run_script
-from nanogpt_lightning.callbacks import IterationLogger, LossPlot
+from nanogpt_lightning.train.callbacks import IterationLogger, LossPlot
 from nanogpt_lightning.metrics import EVAL_BPB_TAGS, EVAL_LOSS_TAGS, ITER_LOSS_TAG
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning import plotting

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import fit_tiny
-from nanogpt_lightning.checkpoints import CHECKPOINT_KEY
+from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY
 from nanogpt_lightning.devices import auto_precision
-from nanogpt_lightning.model import GPT
-from nanogpt_lightning.sampling import sample, sampling_precision
+from nanogpt_lightning.model.gpt import GPT
+from nanogpt_lightning.tools.sample import sample, sampling_precision
 
 
 # clipped, with the fused AdamW (Lightning alone refuses to clip a fused optimizer under mixed precision)
@@ -88,9 +88,9 @@ def test_model_compile_compiles_each_block_in_place_and_gives_the_eager_loss(mon
     inductor's C++ build takes ~45 s on a 2-core CPU), weights keep their names, loss and gradients are eager's."""
     from functools import partial
 
-    from nanogpt_lightning.model import GPTConfig
-    from nanogpt_lightning.module import GPTModule, WarmupCosineLR
-    from nanogpt_lightning.optimizers import adamw
+    from nanogpt_lightning.model.gpt import GPTConfig
+    from nanogpt_lightning.train.module import GPTModule, WarmupCosineLR
+    from nanogpt_lightning.train.optimizers import adamw
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend="eager"))
@@ -137,7 +137,7 @@ def test_model_compile_where_it_cannot_work_is_one_line(monkeypatch):
 
 
 def test_trainer_precision_auto_becomes_the_devices_pick_and_the_run_records_that(monkeypatch, tmp_path):
-    from nanogpt_lightning import training
+    from nanogpt_lightning.train import run as training
     from nanogpt_lightning.config import compose_train_config
     from nanogpt_lightning.errors import UserError
 

@@ -12,13 +12,13 @@ import torch
 from torch.nn import functional as F
 
 from conftest import ROOT, SONNETS
-from nanogpt_lightning import pretrained
+from nanogpt_lightning.model import gpt2 as pretrained
 from nanogpt_lightning.config import compose_train_config
 from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.evaluation import evaluate
-from nanogpt_lightning.model import GPT, GPTConfig
-from nanogpt_lightning.sampling import load_checkpoint, sample
-from nanogpt_lightning.tokenizer import GPT2Tokenizer
+from nanogpt_lightning.tools.evaluate import evaluate
+from nanogpt_lightning.model.gpt import GPT, GPTConfig
+from nanogpt_lightning.tools.sample import load_checkpoint, sample
+from nanogpt_lightning.data.tokenizer import GPT2Tokenizer
 
 transformers = pytest.importorskip("transformers")
 CPU = torch.device("cpu")
@@ -118,7 +118,7 @@ def finetuned(hf_model, tmp_path_factory):
     """experiment=finetune_shakespeare from the small model, shrunk: sonnets, block 16, 2 micro-batches."""
     from hydra.core.hydra_config import HydraConfig
 
-    from nanogpt_lightning.training import train
+    from nanogpt_lightning.train.run import train
 
     directory, _ = hf_model
     tmp = tmp_path_factory.mktemp("finetune")

@@ -13,8 +13,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ITER_LINE, SONNETS, STEP_LINE, TINY_RUN, run_script
-from nanogpt_lightning import training
-from nanogpt_lightning.data import TextDataModule
+from nanogpt_lightning.train import run as training
+from nanogpt_lightning.data.prepare import TextDataModule
 
 
 

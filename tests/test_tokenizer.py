@@ -3,7 +3,7 @@ import importlib.resources
 
 import pytest
 
-from nanogpt_lightning.tokenizer import (CharTokenizer, GPT2Tokenizer, UnknownCharactersError,
+from nanogpt_lightning.data.tokenizer import (CharTokenizer, GPT2Tokenizer, UnknownCharactersError,
                                          build_tokenizer, tokenizer_from_meta)
 
 

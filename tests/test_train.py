@@ -18,8 +18,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from nanogpt_lightning.data import describe_data
-from nanogpt_lightning.model import GPT, GPTConfig
+from nanogpt_lightning.data.prepare import describe_data
+from nanogpt_lightning.model.gpt import GPT, GPTConfig
 
 from conftest import ITER_LINE, ROOT, STEP_LINE, TINY_RUN, run_script
 
@@ -36,7 +36,7 @@ def train_in_process(run, *overrides) -> str:
     from hydra.core.hydra_config import HydraConfig
 
     from nanogpt_lightning.config import compose_train_config
-    from nanogpt_lightning.training import train as train_run
+    from nanogpt_lightning.train.run import train as train_run
 
     before = HydraConfig.instance().cfg
     printed = io.StringIO()

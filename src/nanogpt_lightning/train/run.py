@@ -18,14 +18,14 @@ from hydra.utils import get_method, instantiate
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from nanogpt_lightning.callbacks import TimeBudget
-from nanogpt_lightning.checkpoints import resume_path
+from nanogpt_lightning.train.callbacks import TimeBudget
+from nanogpt_lightning.train.checkpoints import resume_path
 from nanogpt_lightning.console import say
 from nanogpt_lightning.devices import auto_precision, check_compile, check_precision, pick_device
 from nanogpt_lightning.errors import TrainingInterrupted, UserError
 from nanogpt_lightning.metrics import EVAL_LOSS_TAGS
-from nanogpt_lightning.module import GPTModule
-from nanogpt_lightning.rundir import check_fresh_run_dir, is_first_process
+from nanogpt_lightning.train.module import GPTModule
+from nanogpt_lightning.train.rundir import check_fresh_run_dir, is_first_process
 
 try:  # private to Lightning: see check_no_script_relaunch_in_sweep
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
@@ -90,7 +90,7 @@ def build_module(cfg: DictConfig, datamodule) -> GPTModule:
             model_config = instantiate(model_settings)(block_size=datamodule.block_size,
                                                        vocab_size=datamodule.vocab_size)
         else:
-            from nanogpt_lightning.pretrained import init_from
+            from nanogpt_lightning.model.gpt2 import init_from
 
             model_config, pretrained = init_from(spec, datamodule.meta["tokenizer"], datamodule.block_size,
                                                  model_settings)
@@ -106,7 +106,7 @@ def build_module(cfg: DictConfig, datamodule) -> GPTModule:
                                      data=datamodule.identity, run_settings=run_settings(cfg),
                                      compile_model=compile_model)
     if pretrained is not None:
-        from nanogpt_lightning.pretrained import load_weights
+        from nanogpt_lightning.model.gpt2 import load_weights
 
         load_weights(module.model, pretrained, "model.init_from")
     try:

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from nanogpt_lightning.fused_loss import fused_linear_cross_entropy
+from nanogpt_lightning.model.fused_loss import fused_linear_cross_entropy
 
 
 @dataclass

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from nanogpt_lightning.data import describe_data
+from nanogpt_lightning.data.prepare import describe_data
 from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.model import GPTConfig
+from nanogpt_lightning.model.gpt import GPTConfig
 
 CHECKPOINT_KEY = "nanogpt_lightning"  # marks this project's checkpoints; holds what sampling needs
 TIME_BUDGET_KEY = "TimeBudget"  # callbacks.TimeBudget's state among a checkpoint's callback states

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from nanogpt_lightning.console import say
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.metrics import SPLITS
-from nanogpt_lightning.tokenizer import build_tokenizer
+from nanogpt_lightning.data.tokenizer import build_tokenizer
 
 TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

@@ -24,7 +24,7 @@ import torch
 
 from nanogpt_lightning.console import say
 from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.model import GPT, GPTConfig
+from nanogpt_lightning.model.gpt import GPT, GPTConfig
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's four models on the Hugging Face hub
 CONFIG_FILE = "config.json"
@@ -276,7 +276,7 @@ def export(ckpt: str = "latest", out: str = "") -> Path:
     model.safetensors; for GPT-2 BPE models also GPT-2's tokenizer files (vocab.json, merges.txt)."""
     from safetensors.torch import save_file
 
-    from nanogpt_lightning.sampling import find_checkpoint, load_checkpoint
+    from nanogpt_lightning.tools.sample import find_checkpoint, load_checkpoint
 
     path = find_checkpoint(ckpt)
     model, _, checkpoint = load_checkpoint(path, torch.device("cpu"))

@@ -49,8 +49,8 @@ from nanogpt_lightning.cpu_memory import OFF_SWITCH, tune_cpu_memory
 from nanogpt_lightning.devices import (MIXED_PRECISION_DTYPES, auto_precision, autocast_for, check_compile,
                                        check_precision, pick_device)
 from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.fused_loss import matmul, onednn_in_use
-from nanogpt_lightning.training import build_datamodule, build_loggers, build_module, build_trainer
+from nanogpt_lightning.model.fused_loss import matmul, onednn_in_use
+from nanogpt_lightning.train.run import build_datamodule, build_loggers, build_module, build_trainer
 
 MATMULS_PER_TURN = 5
 VARIANTS = ("plain", "plain+tuned", "lightning", "lightning+fused")

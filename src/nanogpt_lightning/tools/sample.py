@@ -16,14 +16,14 @@ from typing import TextIO
 import torch
 from torch.nn import functional as F
 
-from nanogpt_lightning.checkpoints import CHECKPOINT_KEY, read_checkpoint, resolve_checkpoint, trained_on
+from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY, read_checkpoint, resolve_checkpoint, trained_on
 from nanogpt_lightning.devices import (MIXED_PRECISION_DTYPES, PRECISION_ALIASES, auto_precision, autocast_for,
                                       check_precision, pick_device)
 from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.model import GPT, GPTConfig
-from nanogpt_lightning.pretrained import is_pretrained
-from nanogpt_lightning.pretrained import load_model as load_pretrained_model
-from nanogpt_lightning.tokenizer import Tokenizer, UnknownCharactersError, tokenizer_from_meta
+from nanogpt_lightning.model.gpt import GPT, GPTConfig
+from nanogpt_lightning.model.gpt2 import is_pretrained
+from nanogpt_lightning.model.gpt2 import load_model as load_pretrained_model
+from nanogpt_lightning.data.tokenizer import Tokenizer, UnknownCharactersError, tokenizer_from_meta
 
 SEPARATOR = "---------------"  # printed after each sample, as nanoGPT does
 

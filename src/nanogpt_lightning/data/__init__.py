@@ -1,0 +1,1 @@
+"""Text -> token bins -> batches: preparation, tokenizers and the LightningDataModule (knows no model)."""

@@ -1,0 +1,1 @@
+"""Use a trained model: sample, evaluate, export, and time training (bench)."""

@@ -1,0 +1,1 @@
+"""Lightning around the model: the run, the LightningModule, optimizers, callbacks, checkpoints, sweeps."""
