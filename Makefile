@@ -20,6 +20,7 @@ train: $(VENV)/installed
 	$(PY) scripts/train.py experiment=$(EXPERIMENT) $(ARGS)
 
 test: $(VENV)/installed
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(ARGS)
 
 clean:

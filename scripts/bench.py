@@ -12,8 +12,8 @@ tune_cpu_memory()
 
 import sys  # noqa: E402
 
-from nanogpt_lightning.tools.bench import main  # noqa: E402
 from nanogpt_lightning.errors import exit_on_user_error  # noqa: E402
+from nanogpt_lightning.tools.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     exit_on_user_error(main)(sys.argv[1:])

@@ -1,69 +1,14 @@
-"""Shared fixtures: a small real text, and running the real scripts in a subprocess."""
+"""Shared fixtures and process settings; the helpers the tests import are in tests/helpers/."""
 
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+
+from helpers import SONNETS
 
 # the tests run two at a time (pytest-xdist) and often two scripts each: one thread per process keeps the
 # cores from being oversubscribed (idle OpenMP threads spin), and the tiny models gain nothing from more
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-ROOT = Path(__file__).resolve().parent.parent
-SONNETS = ROOT / "tests" / "data" / "sonnets.txt"
-TINY_SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-
-# a model small enough to train in a few seconds on a CPU
-TINY_RUN = [
-    "data=text", f"data.input_file={SONNETS}", "data.block_size=16", "data.batch_size=8",
-    "model.n_layer=1", "model.n_head=2", "model.n_embd=32",
-    "optimizer.lr=3e-3", "scheduler.warmup_iters=5", "scheduler.lr_decay_iters=1000",
-    "eval_iters=2",
-]
-# the lines a run prints (nanoGPT's)
-ITER_LINE = re.compile(r"^iter (\d+): loss (\d+\.\d{4}), time (\d+\.\d{2})ms$", re.M)
-STEP_LINE = re.compile(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4}), val bpb (\d+\.\d{4})$", re.M)
-
-
-def run_script(script: str, *args: str, cwd: Path, check: bool = True,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run scripts/<script> as a user would; no network-dependent cache is shared with the user's."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": str(cwd / "cache"), **(env or {})}
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def fit_tiny(run: Path, max_steps: int, *callbacks, val_check_interval: int = 3, ckpt_path=None,
-             lr: float = 1e-3, lr_decay_iters: int = 10, **trainer_kwargs):
-    """Train a tiny GPT on the sonnets in this process (no script start-up); returns the trainer."""
-    from functools import partial
-
-    import lightning as L
-
-    from nanogpt_lightning.data.prepare import TextDataModule
-    from nanogpt_lightning.model.gpt import GPTConfig
-    from nanogpt_lightning.train.module import GPTModule, WarmupCosineLR
-    from nanogpt_lightning.train.optimizers import adamw
-
-    data = TextDataModule(data_dir=str(run.parent / "data"), input_file=str(SONNETS), block_size=8,
-                          batch_size=2, eval_iters=1)
-    data.prepare_data()
-    module = GPTModule(GPTConfig(block_size=8, vocab_size=data.vocab_size, n_layer=1, n_head=1, n_embd=8),
-                       data.meta["tokenizer"], optimizer=partial(adamw, lr=lr, weight_decay=0.0, betas=(0.9, 0.99)),
-                       scheduler=partial(WarmupCosineLR, warmup_iters=1, lr_decay_iters=lr_decay_iters,
-                                         min_lr=1e-4))
-    trainer = L.Trainer(**{"logger": False, **trainer_kwargs}, max_steps=max_steps, max_epochs=-1,
-                        val_check_interval=val_check_interval, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-                        accelerator="cpu", devices=1, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=list(callbacks))
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    return trainer
 
 
 @pytest.fixture

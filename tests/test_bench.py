@@ -71,9 +71,9 @@ def test_plain_loop_compiled_is_nanogpts_compile_of_the_whole_model_and_trains_t
     build in CI): the compiled model is the GPT itself and its losses equal the uncompiled loop's."""
     import torch
 
-    from nanogpt_lightning.tools.bench import plain_pytorch_loop, precision_variants, variant_config
     from nanogpt_lightning.config import compose_train_config
     from nanogpt_lightning.model.gpt import GPT
+    from nanogpt_lightning.tools.bench import plain_pytorch_loop, precision_variants, variant_config
     from nanogpt_lightning.train.run import build_datamodule
 
     real_compile, compiled_models = torch.compile, []
@@ -98,7 +98,8 @@ def test_plain_loop_compiled_is_nanogpts_compile_of_the_whole_model_and_trains_t
         losses[compiled] = re.findall(r"^plain iter \d+: loss (\S+)$", capsys.readouterr().out, re.MULTILINE)
     assert len(compiled_models) == 1 and isinstance(compiled_models[0], GPT)
     assert len(losses[True]) == 6 and losses[True] == losses[False]
-    assert list(precision_variants("32-true", compiled=True)) == VARIANTS[:4] + ["plain+compile", "lightning+fused+compile"]
+    compiled = ["plain+compile", "lightning+fused+compile"]
+    assert list(precision_variants("32-true", compiled=True)) == VARIANTS[:4] + compiled
     assert precision_variants("bf16-mixed", compiled=True) == ("plain", "lightning+fused", "plain+compile",
                                                                "lightning+fused+compile")
 
@@ -108,8 +109,8 @@ def test_bench_compile_without_a_compiler_is_one_line(tmp_path, monkeypatch):
 
     import pytest
 
-    from nanogpt_lightning.tools import bench as benchmark
     from nanogpt_lightning.errors import UserError
+    from nanogpt_lightning.tools import bench as benchmark
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     text = tmp_path / "text.txt"

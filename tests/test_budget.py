@@ -6,10 +6,10 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import fit_tiny
+from helpers import fit_tiny
+from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.train.callbacks import TimeBudget
 from nanogpt_lightning.train.checkpoints import resume_path, seconds_trained
-from nanogpt_lightning.errors import UserError
 
 BUDGET_S = 3.0  # long enough for more than 100 iterations (an evaluation at 100) on a busy 2-core machine
 EVAL_SLEEP_S = 0.3
@@ -79,7 +79,8 @@ def test_checkpoints_keep_the_seconds_used_and_a_spent_budget_is_not_resumed(bud
     assert resumed.fraction_used() == pytest.approx(seconds_trained(saved) / (BUDGET_S + 10))
 
     module = trainer.lightning_module
-    with pytest.raises(UserError, match=rf"already complete: it trained \d+\.\ds of budget_s={BUDGET_S:g}; pass a larger budget_s"):
+    complete = rf"already complete: it trained \d+\.\ds of budget_s={BUDGET_S:g}; pass a larger budget_s"
+    with pytest.raises(UserError, match=complete):
         resume_path(str(checkpoint), module, max_steps=10**9, budget_s=BUDGET_S, allow_other_data=False,
                     may_change=("budget_s",))
     assert resume_path(str(checkpoint), module, max_steps=1, budget_s=BUDGET_S + 10, allow_other_data=False,

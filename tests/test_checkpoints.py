@@ -3,12 +3,17 @@
 import pytest
 import torch
 
-from nanogpt_lightning.train.checkpoints import (CHECKPOINT_KEY, check_resumable, check_same_data, check_same_settings,
-                                           read_checkpoint, resolve_checkpoint)
-from nanogpt_lightning.model.gpt import GPTConfig
+from helpers import SONNETS
 from nanogpt_lightning.errors import UserError
-
-from conftest import SONNETS
+from nanogpt_lightning.model.gpt import GPTConfig
+from nanogpt_lightning.train.checkpoints import (
+    CHECKPOINT_KEY,
+    check_resumable,
+    check_same_data,
+    check_same_settings,
+    read_checkpoint,
+    resolve_checkpoint,
+)
 
 
 def test_reading_refuses_files_that_are_not_our_checkpoints(tmp_path):

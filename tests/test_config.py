@@ -7,9 +7,15 @@ import pytest
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from conftest import ROOT, SONNETS, TINY_RUN, run_script
-from nanogpt_lightning.config import (SAMPLE_RULES, TRAIN_RULES, compose_train_config, register_resolvers,
-                                      validate_sample_config, validate_train_config)
+from helpers import ROOT, SONNETS, TINY_RUN, run_script
+from nanogpt_lightning.config import (
+    SAMPLE_RULES,
+    TRAIN_RULES,
+    compose_train_config,
+    register_resolvers,
+    validate_sample_config,
+    validate_train_config,
+)
 from nanogpt_lightning.errors import UserError
 
 CONF = ROOT / "conf"

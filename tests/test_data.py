@@ -5,12 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import SONNETS, TINY_SHAKESPEARE
 from nanogpt_lightning.data import prepare as data_module
 from nanogpt_lightning.data.prepare import RandomWindows, TextDataModule, describe_data, prepare_dataset
-from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.data.tokenizer import tokenizer_from_meta
-
-from conftest import SONNETS, TINY_SHAKESPEARE
+from nanogpt_lightning.errors import UserError
 
 URL = "https://example.invalid/input.txt"
 
@@ -366,7 +365,7 @@ def test_damaged_data_is_refused_in_one_line_or_rebuilt(tmp_path, name, capsys):
 def test_missing_data_says_how_to_prepare_it(tmp_path):
     with pytest.raises(UserError, match=r"no prepared data for these data.\* settings in .*bins; prepare it with "
                                         r"python scripts/prepare.py data.input_file=null data.url=\S+ "):
-        make_datamodule(tmp_path, input_file=None, url=URL).meta
+        _ = make_datamodule(tmp_path, input_file=None, url=URL).meta
 
 
 def test_identity_and_its_description(tmp_path):

@@ -9,16 +9,16 @@ tests/test_config.py, a resume with a changed setting or on other data below and
 """
 
 import hashlib
+import shutil
 import subprocess
 import sys
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import SONNETS, TINY_RUN, run_script
+from helpers import SONNETS, TINY_RUN, run_script
 from nanogpt_lightning.data.prepare import prepare_dataset
 from test_train import train_in_process
 
@@ -134,9 +134,9 @@ def test_a_resume_with_a_changed_setting_or_on_other_data_is_refused(tmp_path):
     from dataclasses import asdict
     from types import SimpleNamespace
 
-    from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY, resume_path
     from nanogpt_lightning.errors import UserError
     from nanogpt_lightning.model.gpt import GPTConfig
+    from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY, resume_path
     from nanogpt_lightning.train.run import RESUMABLE_CHANGES
 
     config = GPTConfig(block_size=16, vocab_size=38, n_layer=1, n_head=2, n_embd=32)

@@ -14,14 +14,14 @@ import torch
 from omegaconf import OmegaConf
 from torch.nn import functional as F
 
-from conftest import ROOT, SONNETS, TINY_RUN, run_script
+from helpers import ROOT, SONNETS, TINY_RUN, run_script
 from nanogpt_lightning.config import EVAL_RULES, validate_eval_config
 from nanogpt_lightning.data.prepare import prepare_dataset
-from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.tools.evaluate import evaluate, measure
-from nanogpt_lightning.model.gpt import GPT, GPTConfig
-from nanogpt_lightning.tools.sample import find_checkpoint, load_checkpoint
 from nanogpt_lightning.data.tokenizer import GPT2Tokenizer
+from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.model.gpt import GPT, GPTConfig
+from nanogpt_lightning.tools.evaluate import evaluate, measure
+from nanogpt_lightning.tools.sample import find_checkpoint, load_checkpoint
 
 CPU = torch.device("cpu")
 

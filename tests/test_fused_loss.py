@@ -17,7 +17,6 @@ from nanogpt_lightning.model.fused_loss import (
 from nanogpt_lightning.model.gpt import GPT, GPTConfig
 from test_model import OPTION_SETS
 
-
 X86_ONEDNN = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
 

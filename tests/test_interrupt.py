@@ -9,10 +9,9 @@ import lightning as L
 import pytest
 import torch
 
-from nanogpt_lightning.train.callbacks import AtomicCheckpointIO, GracefulInterrupt
+from helpers import ITER_LINE, ROOT, STEP_LINE, TINY_RUN, run_script
 from nanogpt_lightning.errors import UserError
-
-from conftest import ITER_LINE, ROOT, STEP_LINE, TINY_RUN, run_script
+from nanogpt_lightning.train.callbacks import AtomicCheckpointIO, GracefulInterrupt
 from test_train import train_in_process
 
 # dropout on, so the resumed run must also restore torch's random generator

@@ -6,11 +6,11 @@ import sys
 import pytest
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from conftest import fit_tiny
-from nanogpt_lightning.train.callbacks import FINAL_TAGS, IterationLogger, LossPlot, RunSummary
+from helpers import fit_tiny
 from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.train.loggers import wandb_logger
 from nanogpt_lightning.plotting import curves_from_events, plot_loss, run_curves
+from nanogpt_lightning.train.callbacks import FINAL_TAGS, IterationLogger, LossPlot, RunSummary
+from nanogpt_lightning.train.loggers import wandb_logger
 
 
 def series(curves) -> dict:

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, TINY_RUN, run_script
+from helpers import ROOT, TINY_RUN, run_script
 
 
 class PoisonLoss(L.Callback):
@@ -101,7 +101,7 @@ def test_without_skipping_the_flags_are_read_only_every_log_interval_and_before_
     log_every_n_steps iterations) and before a checkpoint is written; the error names the first bad iteration."""
     import pytest
 
-    from conftest import fit_tiny
+    from helpers import fit_tiny
     from nanogpt_lightning.errors import UserError
     from nanogpt_lightning.train.module import GPTModule
 

@@ -35,7 +35,7 @@ def train(model, optimizer, steps, scheduler=None, first_batch=0) -> list[float]
         x, y = batch(first_batch + i)
         optimizer.zero_grad(set_to_none=True)
 
-        def closure():
+        def closure(x=x, y=y):
             _, loss = model(x, y)
             loss.backward()
             losses.append(loss.item())

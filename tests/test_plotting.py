@@ -12,14 +12,20 @@ import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard import SummaryWriter
 
-from conftest import SONNETS, fit_tiny, run_script
-from nanogpt_lightning.train.callbacks import IterationLogger, LossPlot
-from nanogpt_lightning.metrics import EVAL_BPB_TAGS, EVAL_LOSS_TAGS, ITER_LOSS_TAG
-from nanogpt_lightning.errors import UserError
+from helpers import fit_tiny, run_script
 from nanogpt_lightning import plotting
+from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.metrics import EVAL_BPB_TAGS, EVAL_LOSS_TAGS, ITER_LOSS_TAG
 from nanogpt_lightning.plotting import (
-    curves_from_text, labels, load_inputs, loss_figure, plot_curves, plot_loss, smooth,
+    curves_from_text,
+    labels,
+    load_inputs,
+    loss_figure,
+    plot_curves,
+    plot_loss,
+    smooth,
 )
+from nanogpt_lightning.train.callbacks import IterationLogger, LossPlot
 
 ITERS = {step: 4.0 - step / 8 for step in range(1, 13)}  # exact in float32, as TensorBoard stores them
 EVALS = {6: (3.25, 3.5), 12: (2.5, 2.75)}  # step: (train, val)

@@ -7,12 +7,11 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import fit_tiny
-from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY
+from helpers import fit_tiny
 from nanogpt_lightning.devices import auto_precision
 from nanogpt_lightning.model.gpt import GPT
 from nanogpt_lightning.tools.sample import sample, sampling_precision
-
+from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY
 
 # clipped, with the fused AdamW (Lightning alone refuses to clip a fused optimizer under mixed precision)
 BF16_RUN = {"precision": "bf16-mixed", "lr": 1e-2, "lr_decay_iters": 100, "gradient_clip_val": 1.0}
@@ -137,13 +136,13 @@ def test_model_compile_where_it_cannot_work_is_one_line(monkeypatch):
 
 
 def test_trainer_precision_auto_becomes_the_devices_pick_and_the_run_records_that(monkeypatch, tmp_path):
-    from nanogpt_lightning.train import run as training
     from nanogpt_lightning.config import compose_train_config
     from nanogpt_lightning.errors import UserError
+    from nanogpt_lightning.train import run as training
 
     for has_units, expected in ((True, "bf16-mixed"), (False, "32-true")):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_units)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda has_units=has_units: has_units)
         cfg = compose_train_config(["trainer.precision=auto", "trainer.accelerator=cpu"])
         training.resolve_precision(cfg)
         assert cfg.trainer.precision == expected

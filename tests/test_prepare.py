@@ -6,7 +6,7 @@ import shlex
 import numpy as np
 import pytest
 
-from conftest import SONNETS, run_script
+from helpers import SONNETS, run_script
 from nanogpt_lightning.data.prepare import TextDataModule
 from nanogpt_lightning.errors import UserError
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import ROOT, SONNETS
-from nanogpt_lightning.model import gpt2 as pretrained
+from helpers import ROOT, SONNETS
 from nanogpt_lightning.config import compose_train_config
-from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.tools.evaluate import evaluate
-from nanogpt_lightning.model.gpt import GPT, GPTConfig
-from nanogpt_lightning.tools.sample import load_checkpoint, sample
 from nanogpt_lightning.data.tokenizer import GPT2Tokenizer
+from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.model import gpt2 as pretrained
+from nanogpt_lightning.model.gpt import GPT, GPTConfig
+from nanogpt_lightning.tools.evaluate import evaluate
+from nanogpt_lightning.tools.sample import load_checkpoint, sample
 
 transformers = pytest.importorskip("transformers")
 CPU = torch.device("cpu")
@@ -96,8 +96,8 @@ class Evaluations(L.Callback):
     """Records each evaluation's val loss; at the evaluation of step `worse_at` reports a higher one instead
     (before ModelCheckpoint, which Lightning runs last), as a run whose val loss rose there."""
 
-    seen: list = []  # noqa: RUF012 - class-level: Hydra builds the instance, the test reads the records
-    saved_at: list = []  # noqa: RUF012
+    seen: list = []
+    saved_at: list = []
 
     def __init__(self, worse_at: int):
         self.worse_at = worse_at

@@ -8,13 +8,19 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import run_script
+from helpers import run_script
+from nanogpt_lightning.data.tokenizer import GPT2Tokenizer
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model.gpt import GPT, GPTConfig
 from nanogpt_lightning.tools.sample import (
-    SEPARATOR, find_checkpoint, generate, load_checkpoint, read_prompt, sample, stream_text,
+    SEPARATOR,
+    find_checkpoint,
+    generate,
+    load_checkpoint,
+    read_prompt,
+    sample,
+    stream_text,
 )
-from nanogpt_lightning.data.tokenizer import GPT2Tokenizer
 from test_model import OPTION_SETS, scrambled_gpt
 from test_train import train_in_process
 

@@ -12,10 +12,9 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ITER_LINE, SONNETS, STEP_LINE, TINY_RUN, run_script
-from nanogpt_lightning.train import run as training
+from helpers import ITER_LINE, SONNETS, STEP_LINE, TINY_RUN, run_script
 from nanogpt_lightning.data.prepare import TextDataModule
-
+from nanogpt_lightning.train import run as training
 
 
 def events_pids(run: Path) -> set[str]:
@@ -53,10 +52,11 @@ def ddp_run(tmp_path_factory):
 
 def test_ddp_on_cpu_trains_two_processes_and_prints_once(ddp_run):
     _, result = ddp_run
-    assert ", 256 tokens per iteration, cpu x 2 in 32-true, run directory" in result.stdout  # 8 x 16 tokens, 2 processes
+    # 8 x 16 tokens, 2 processes
+    assert ", 256 tokens per iteration, cpu x 2 in 32-true, run directory" in result.stdout
     iters = [(int(n), float(loss)) for n, loss, _ in ITER_LINE.findall(result.stdout)]
     assert [n for n, _ in iters] == list(range(1, 31))  # rank zero prints; each line once
-    first, last = sum(l for _, l in iters[:5]) / 5, sum(l for _, l in iters[-5:]) / 5
+    first, last = sum(loss for _, loss in iters[:5]) / 5, sum(loss for _, loss in iters[-5:]) / 5
     assert last < first - 0.3
     steps = STEP_LINE.findall(result.stdout)
     assert [int(s) for s, *_ in steps] == [15, 30]

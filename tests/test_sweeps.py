@@ -15,7 +15,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, TINY_RUN, run_script
+from helpers import ROOT, TINY_RUN, run_script
 
 # the TINY_RUN settings less the ones each test sweeps over
 TINY = [o for o in TINY_RUN if not o.startswith(("model.n_head=", "optimizer.lr="))]

@@ -3,8 +3,13 @@ import importlib.resources
 
 import pytest
 
-from nanogpt_lightning.data.tokenizer import (CharTokenizer, GPT2Tokenizer, UnknownCharactersError,
-                                         build_tokenizer, tokenizer_from_meta)
+from nanogpt_lightning.data.tokenizer import (
+    CharTokenizer,
+    GPT2Tokenizer,
+    UnknownCharactersError,
+    build_tokenizer,
+    tokenizer_from_meta,
+)
 
 
 def test_char_tokenizer_round_trip_and_sorted_vocabulary(sonnets_text):

@@ -18,10 +18,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from helpers import ITER_LINE, ROOT, STEP_LINE, TINY_RUN, run_script
 from nanogpt_lightning.data.prepare import describe_data
 from nanogpt_lightning.model.gpt import GPT, GPTConfig
-
-from conftest import ITER_LINE, ROOT, STEP_LINE, TINY_RUN, run_script
 
 
 def train(tmp_path, run_name, *overrides, check=True):
@@ -66,7 +65,7 @@ def test_training_lowers_the_loss_and_prints_whole_nanogpt_lines(first_run):
     assert "\r" not in result.stdout  # not a terminal: no progress bar frames
     iters = [(int(n), float(loss)) for n, loss, _ in ITER_LINE.findall(result.stdout)]
     assert [n for n, _ in iters] == list(range(1, 66))
-    first, last = sum(l for _, l in iters[:5]) / 5, sum(l for _, l in iters[-5:]) / 5
+    first, last = sum(loss for _, loss in iters[:5]) / 5, sum(loss for _, loss in iters[-5:]) / 5
     assert last < first - 0.5
     steps = STEP_LINE.findall(result.stdout)
     assert [int(s) for s, *_ in steps] == [30, 60]

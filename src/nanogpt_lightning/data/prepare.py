@@ -17,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 import secrets
+import shlex
 import shutil
 import urllib.error
 import urllib.request
@@ -33,9 +33,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from nanogpt_lightning.console import say
+from nanogpt_lightning.data.tokenizer import build_tokenizer
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.metrics import SPLITS
-from nanogpt_lightning.data.tokenizer import build_tokenizer
 
 TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

@@ -55,7 +55,7 @@ def _onednn_linear():
         got = op(a, b.t(), None, "none", [], "")
         agrees = isinstance(got, torch.Tensor) and got.shape == (8, 16) and torch.allclose(
             got, a @ b, rtol=1e-5, atol=1e-5)
-    except Exception:  # missing, or a changed signature: whatever an internal op raises, it is not usable
+    except Exception:  # noqa: BLE001 - missing, or a changed signature: whatever an internal op raises, it is not usable
         return None
     return op if agrees else None
 

@@ -137,7 +137,8 @@ def gpt_config(pretrained: Pretrained, key: str, block_size: int | None = None, 
     n_embd = hf["n_embd"]
     eps = hf.get("layer_norm_epsilon", 1e-5)
     refusals = [
-        (activation not in ACTIVATIONS, f"activation_function {activation!r} (this model has {', '.join(ACTIVATIONS)})"),
+        (activation not in ACTIVATIONS,
+         f"activation_function {activation!r} (this model has {', '.join(ACTIVATIONS)})"),
         (not math.isclose(eps, 1e-5), f"layer_norm_epsilon {eps} (this model has 1e-5)"),
         (hf.get("n_inner") not in (None, 4 * n_embd), f"n_inner {hf.get('n_inner')} (this model has 4 x n_embd)"),
         (not hf.get("tie_word_embeddings", True), "untied word embeddings"),

@@ -46,8 +46,14 @@ from omegaconf import DictConfig
 
 from nanogpt_lightning.config import compose_train_config
 from nanogpt_lightning.cpu_memory import OFF_SWITCH, tune_cpu_memory
-from nanogpt_lightning.devices import (MIXED_PRECISION_DTYPES, auto_precision, autocast_for, check_compile,
-                                       check_precision, pick_device)
+from nanogpt_lightning.devices import (
+    MIXED_PRECISION_DTYPES,
+    auto_precision,
+    autocast_for,
+    check_compile,
+    check_precision,
+    pick_device,
+)
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model.fused_loss import matmul, onednn_in_use
 from nanogpt_lightning.train.run import build_datamodule, build_loggers, build_module, build_trainer
@@ -387,7 +393,7 @@ def _participant(name: str, variant: str, precision: str, index: int, overrides:
             else:
                 lightning_loop(config, clock)
         results.put((name, clock.times, clock.peak_memory, None))
-    except BaseException as err:
+    except BaseException as err:  # noqa: BLE001 - every failure, Ctrl+C included, is sent back as a result
         turns.abort()  # no one waits for a participant that will never come
         if isinstance(err, UserError):
             error = (USER_ERROR, str(err))
@@ -410,7 +416,8 @@ def _collect(results, processes) -> list[tuple]:
             reported = {name for name, *_ in outcomes}
             for process in processes:
                 if process.exitcode not in (None, 0) and process.name not in reported:
-                    raise RuntimeError(f"the {process.name} bench process died (exit code {process.exitcode})")
+                    died = f"the {process.name} bench process died (exit code {process.exitcode})"
+                    raise RuntimeError(died) from None
     return outcomes
 
 

@@ -22,13 +22,13 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY
 from nanogpt_lightning.data.prepare import TOKEN_DTYPE, Source, damage, describe_data, identity_of, prepare_command
+from nanogpt_lightning.data.tokenizer import Tokenizer, UnknownCharactersError
 from nanogpt_lightning.devices import pick_device
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model.gpt import GPT
 from nanogpt_lightning.tools.sample import describe_origin, load_model, title
-from nanogpt_lightning.data.tokenizer import Tokenizer, UnknownCharactersError
+from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY
 
 WINDOWS = ("non-overlapping windows of block_size+1 = {n} tokens stepping by {block}: every token after the "
            "first predicted once, with the context since its window start")

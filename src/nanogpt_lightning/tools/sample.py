@@ -16,14 +16,20 @@ from typing import TextIO
 import torch
 from torch.nn import functional as F
 
-from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY, read_checkpoint, resolve_checkpoint, trained_on
-from nanogpt_lightning.devices import (MIXED_PRECISION_DTYPES, PRECISION_ALIASES, auto_precision, autocast_for,
-                                      check_precision, pick_device)
+from nanogpt_lightning.data.tokenizer import Tokenizer, UnknownCharactersError, tokenizer_from_meta
+from nanogpt_lightning.devices import (
+    MIXED_PRECISION_DTYPES,
+    PRECISION_ALIASES,
+    auto_precision,
+    autocast_for,
+    check_precision,
+    pick_device,
+)
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model.gpt import GPT, GPTConfig
 from nanogpt_lightning.model.gpt2 import is_pretrained
 from nanogpt_lightning.model.gpt2 import load_model as load_pretrained_model
-from nanogpt_lightning.data.tokenizer import Tokenizer, UnknownCharactersError, tokenizer_from_meta
+from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY, read_checkpoint, resolve_checkpoint, trained_on
 
 SEPARATOR = "---------------"  # printed after each sample, as nanoGPT does
 
@@ -95,7 +101,8 @@ def read_prompt(prompt: str) -> str:
         try:
             prompt = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
-            raise UserError(f"cannot read the prompt file {path} ({err.__class__.__name__}); pass a UTF-8 text file")
+            raise UserError(f"cannot read the prompt file {path} ({err.__class__.__name__}); "
+                            "pass a UTF-8 text file") from None
     if not prompt:
         raise UserError("the prompt is empty; pass at least one character, e.g. prompt='\\n'")
     return prompt
@@ -105,7 +112,8 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
     try:
         return tokenizer.encode(prompt)
     except UnknownCharactersError as err:
-        raise UserError(f"this character-level model cannot encode the prompt ({err}); remove or replace them") from None
+        raise UserError(f"this character-level model cannot encode the prompt ({err}); "
+                        "remove or replace them") from None
 
 
 class TopK:

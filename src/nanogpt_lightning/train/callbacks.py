@@ -22,11 +22,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from tqdm import tqdm
 
-from nanogpt_lightning.train.checkpoints import TIME_BUDGET_KEY
 from nanogpt_lightning.console import say
 from nanogpt_lightning.data.prepare import describe_data
 from nanogpt_lightning.errors import TrainingInterrupted, UserError
 from nanogpt_lightning.metrics import EVAL_BPB_TAGS, EVAL_LOSS_TAGS, ITER_LOSS_TAG
+from nanogpt_lightning.train.checkpoints import TIME_BUDGET_KEY
 
 # HPARAMS' metric columns: the final evaluation's losses and bits per byte
 FINAL_TAGS = {tag: f"hp/final_{tag.replace('/', '_')}" for tag in (*EVAL_LOSS_TAGS.values(), *EVAL_BPB_TAGS.values())}

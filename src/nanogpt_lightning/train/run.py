@@ -18,12 +18,12 @@ from hydra.utils import get_method, instantiate
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from nanogpt_lightning.train.callbacks import TimeBudget
-from nanogpt_lightning.train.checkpoints import resume_path
 from nanogpt_lightning.console import say
 from nanogpt_lightning.devices import auto_precision, check_compile, check_precision, pick_device
 from nanogpt_lightning.errors import TrainingInterrupted, UserError
 from nanogpt_lightning.metrics import EVAL_LOSS_TAGS
+from nanogpt_lightning.train.callbacks import TimeBudget
+from nanogpt_lightning.train.checkpoints import resume_path
 from nanogpt_lightning.train.module import GPTModule
 from nanogpt_lightning.train.rundir import check_fresh_run_dir, is_first_process
 

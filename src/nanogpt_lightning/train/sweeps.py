@@ -77,7 +77,7 @@ def report_sweep_job(main):
                           "step": getattr(stop, "step", None)})
             _write(jobs / STOP_FILE, {"signal": signal.Signals(signum).name})
             return None
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - a failed job is recorded, the sweep goes on
             error = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
             if not isinstance(err, UserError):  # a bug: keep the traceback for the report
                 say(traceback.format_exc().rstrip(), file=sys.stderr)
