@@ -56,7 +56,7 @@ from nanogpt_lightning.devices import (
 )
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model.fused_loss import matmul, onednn_in_use
-from nanogpt_lightning.train.run import build_datamodule, build_loggers, build_module, build_trainer
+from nanogpt_lightning.train.run import build_datamodule, build_module, build_trainer
 
 MATMULS_PER_TURN = 5
 VARIANTS = ("plain", "plain+tuned", "lightning", "lightning+fused")
@@ -287,8 +287,7 @@ def lightning_loop(cfg: DictConfig, clock: Clock) -> None:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [_LightningClock(clock)]
-    trainer = build_trainer(cfg, callbacks=callbacks, logger=build_loggers(cfg.logger))
+    trainer = build_trainer(cfg, extra_callbacks=(_LightningClock(clock),))
     clock.start()
     trainer.fit(module, datamodule=datamodule)
 

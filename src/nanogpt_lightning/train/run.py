@@ -141,8 +141,22 @@ def build_loggers(logger_cfg: DictConfig | None):
         raise
 
 
-def build_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
-    """The Trainer of `cfg.trainer`; a device that is not here, or settings Lightning refuses: one line."""
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The run's callbacks: those of `cfg.callbacks` (`callbacks.NAME=null` leaves one out), and TimeBudget
+    under `budget_s`."""
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    if cfg.budget_s is not None:
+        callbacks.append(TimeBudget(cfg.budget_s))
+    return callbacks
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> L.Trainer:
+    """The Trainer of `cfg.trainer` with the run's callbacks (and `extra_callbacks`, e.g. bench's clock) and
+    loggers; under a time budget the budget ends the run, not an iteration count. A device that is not here,
+    or settings Lightning refuses: one line."""
+    kwargs = {"callbacks": [*build_callbacks(cfg), *extra_callbacks], "logger": build_loggers(cfg.logger)}
+    if cfg.budget_s is not None:
+        kwargs["max_steps"] = -1
     try:
         return instantiate(cfg.trainer, **kwargs)
     except InstantiationException as err:
@@ -213,12 +227,7 @@ def train(cfg: DictConfig) -> float:
     module = build_module(cfg, datamodule)
     ckpt_path = resume_path(cfg.ckpt_path, module, cfg.trainer.max_steps, cfg.budget_s, cfg.allow_other_data,
                             RESUMABLE_CHANGES)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]  # callbacks.NAME=null: left out
-    limits = {}
-    if cfg.budget_s is not None:  # the budget ends the run, not an iteration count
-        callbacks.append(TimeBudget(cfg.budget_s))
-        limits["max_steps"] = -1
-    trainer = build_trainer(cfg, callbacks=callbacks, logger=build_loggers(cfg.logger), **limits)
+    trainer = build_trainer(cfg)
     check_no_script_relaunch_in_sweep(trainer)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
