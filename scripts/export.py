@@ -11,7 +11,7 @@ from nanogpt_lightning.errors import exit_on_user_error
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     validate_export_config(cfg)  # a bad setting is refused before the seconds of loading PyTorch
-    from nanogpt_lightning.model.gpt2 import export
+    from nanogpt_lightning.tools.export import export
 
     export(**OmegaConf.to_container(cfg))
 

@@ -21,7 +21,7 @@ from nanogpt_lightning.data.tokenizer import GPT2Tokenizer
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model.gpt import GPT, GPTConfig
 from nanogpt_lightning.tools.evaluate import evaluate, measure
-from nanogpt_lightning.tools.sample import find_checkpoint, load_checkpoint
+from nanogpt_lightning.train.checkpoints import load_checkpoint, resolve_checkpoint
 
 CPU = torch.device("cpu")
 
@@ -56,7 +56,7 @@ def reference_loss(model: GPT, ids: list[int]) -> float:
 
 
 def test_loss_is_the_mean_over_every_window_of_the_split(run):
-    model, _, checkpoint = load_checkpoint(find_checkpoint(str(run)), CPU)
+    model, _, checkpoint = load_checkpoint(resolve_checkpoint(str(run)), CPU)
     [directory] = (run.parent / "data" / "text").iterdir()
     val = np.fromfile(directory / "val.bin", dtype=np.uint16).astype(int).tolist()
     report = quiet(run, batch_size=3)

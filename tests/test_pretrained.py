@@ -15,10 +15,13 @@ from helpers import ROOT, SONNETS
 from nanogpt_lightning.config import compose_train_config
 from nanogpt_lightning.data.tokenizer import GPT2Tokenizer
 from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.model import gpt2 as pretrained
+from nanogpt_lightning.model import gpt2
 from nanogpt_lightning.model.gpt import GPT, GPTConfig
 from nanogpt_lightning.tools.evaluate import evaluate
-from nanogpt_lightning.tools.sample import load_checkpoint, sample
+from nanogpt_lightning.tools.export import export
+from nanogpt_lightning.tools.sample import sample
+from nanogpt_lightning.train import checkpoints
+from nanogpt_lightning.train.checkpoints import load_checkpoint
 
 transformers = pytest.importorskip("transformers")
 CPU = torch.device("cpu")
@@ -47,10 +50,10 @@ def hf_logits(model, idx: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("fused_loss", [True, False])
 def test_init_from_a_directory_gives_transformers_logits_and_loss(hf_model, fused_loss):
     directory, hf = hf_model
-    weights = pretrained.read_pretrained(str(directory), "model.init_from")
-    config = pretrained.gpt_config(weights, "model.init_from", block_size=16, fused_loss=fused_loss)
+    weights = checkpoints.read_pretrained(str(directory), "model.init_from")
+    config = gpt2.gpt_config(weights.hf_config, "model.init_from", block_size=16, fused_loss=fused_loss)
     assert (config.n_layer, config.n_embd, config.bias, config.mlp, config.block_size) == (2, 16, True, "gelu_tanh", 16)
-    model = pretrained.load_weights(GPT(config), weights, "model.init_from").eval()
+    model = gpt2.load_weights(GPT(config), weights.tensors, "model.init_from").eval()
     idx, targets = torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))
     expected = hf_logits(hf, idx)
     with torch.no_grad():
@@ -154,7 +157,7 @@ def test_finetune_experiment_trains_and_writes_a_checkpoint_only_when_val_loss_i
 
 def test_export_of_a_trained_checkpoint_loads_in_transformers_with_the_same_logits(finetuned, tmp_path):
     run, _ = finetuned
-    out = pretrained.export(str(run / "checkpoints" / "best.ckpt"), str(tmp_path / "export"))
+    out = export(str(run / "checkpoints" / "best.ckpt"), str(tmp_path / "export"))
     model, _, _ = load_checkpoint(run / "checkpoints" / "best.ckpt", CPU)
     hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     idx = torch.randint(0, 50257, (2, 16))
@@ -169,9 +172,9 @@ def test_a_bias_free_padded_exact_gelu_model_maps_to_gpt2_with_zero_biases():
     """This project's defaults (no biases, exact GELU) and a padded vocabulary are GPT-2 too."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=8, vocab_size=65, n_layer=1, n_head=2, n_embd=8, vocab_multiple=64)).eval()
-    config = transformers.GPT2Config(**pretrained.hf_config(model.config, bpe=False))
+    config = transformers.GPT2Config(**gpt2.hf_config(model.config, bpe=False))
     hf = transformers.GPT2LMHeadModel(config).eval()
-    hf.load_state_dict(pretrained.hf_tensors(model), strict=False)  # lm_head: tied to wte
+    hf.load_state_dict(gpt2.hf_tensors(model), strict=False)  # lm_head: tied to wte
     idx = torch.randint(0, 65, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(hf_logits(hf, idx), model.logits(model.hidden_states(idx))[..., :65], atol=1e-5,
@@ -184,8 +187,8 @@ def test_a_bias_free_padded_exact_gelu_model_maps_to_gpt2_with_zero_biases():
 def test_export_refuses_an_option_gpt2_lacks_naming_it(option, value):
     config = GPTConfig(block_size=8, vocab_size=65, **{option: value})
     with pytest.raises(UserError, match=f"cannot export a model with model.{option}="):
-        pretrained.check_exportable(config)
-    pretrained.check_exportable(GPTConfig(block_size=8, vocab_size=65, zero_init=True))  # only an initialisation
+        gpt2.check_exportable(config)
+    gpt2.check_exportable(GPTConfig(block_size=8, vocab_size=65, zero_init=True))  # only an initialisation
 
 
 def test_init_from_refusals_are_one_line(hf_model, monkeypatch, tmp_path):
@@ -193,18 +196,18 @@ def test_init_from_refusals_are_one_line(hf_model, monkeypatch, tmp_path):
 
     directory, _ = hf_model
     with pytest.raises(UserError, match="needs data in GPT-2's byte-pair encoding.*pass data.tokenizer=gpt2"):
-        pretrained.init_from(str(directory), {"kind": "char"}, 16, {})
+        checkpoints.init_from(str(directory), {"kind": "char"}, 16, {})
     with pytest.raises(UserError, match="model.rotary=true cannot apply to GPT-2 weights"):
-        pretrained.init_from(str(directory), {"kind": "gpt2"}, 16, {"rotary": True})
+        checkpoints.init_from(str(directory), {"kind": "gpt2"}, 16, {"rotary": True})
     with pytest.raises(UserError, match=f"data.block_size=64 is larger than the {N_POSITIONS} positions"):
-        pretrained.init_from(str(directory), {"kind": "gpt2"}, 64, {})
+        checkpoints.init_from(str(directory), {"kind": "gpt2"}, 64, {})
     with pytest.raises(UserError, match="is neither a directory nor one of gpt2, gpt2-medium"):
-        pretrained.locate("gpt3", "model.init_from")
+        checkpoints.locate("gpt3", "model.init_from")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # not cached, and no network
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(UserError, match="not in the Hugging Face cache .* `hf download gpt2 config.json "
                                         "model.safetensors`.* or pass model.init_from=DIR") as refused:
-        pretrained.locate("gpt2", "model.init_from")
+        checkpoints.locate("gpt2", "model.init_from")
     assert "\n" not in str(refused.value)
 
 

@@ -14,13 +14,12 @@ from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model.gpt import GPT, GPTConfig
 from nanogpt_lightning.tools.sample import (
     SEPARATOR,
-    find_checkpoint,
     generate,
-    load_checkpoint,
     read_prompt,
     sample,
     stream_text,
 )
+from nanogpt_lightning.train.checkpoints import load_checkpoint, resolve_checkpoint
 from test_model import OPTION_SETS, scrambled_gpt
 from test_train import train_in_process
 
@@ -71,7 +70,7 @@ def test_same_seed_same_text_other_seed_other_text(runs, kind):
 
 @pytest.mark.parametrize("temperature, top_k", [(0, None), (0.8, 20), (1.0, None)])
 def test_kv_cache_gives_the_tokens_of_full_recomputation_also_past_the_block(runs, temperature, top_k):
-    model, tokenizer, _ = load_checkpoint(find_checkpoint(str(runs["char"])), CPU)
+    model, tokenizer, _ = load_checkpoint(resolve_checkpoint(str(runs["char"])), CPU)
     prompt = tokenizer.encode("When I do count")
     n_new = 3 * BLOCK_SIZE  # the sequence outgrows the block: the context is cropped
     torch.manual_seed(0)
@@ -167,17 +166,17 @@ def test_device_setting_goes_through_the_shared_device_choice(runs, monkeypatch)
 
 def test_checkpoint_from_a_file_a_run_dir_or_the_newest_run(runs, tmp_path):
     last = runs["char"] / "checkpoints" / "last.ckpt"
-    assert find_checkpoint(str(runs["char"])) == last
-    assert find_checkpoint(str(last.parent)) == last
-    assert find_checkpoint(str(last)) == last
+    assert resolve_checkpoint(str(runs["char"])) == last
+    assert resolve_checkpoint(str(last.parent)) == last
+    assert resolve_checkpoint(str(last)) == last
     older, newer = tmp_path / "runs/a/checkpoints/last.ckpt", tmp_path / "sweeps/s/0_x/checkpoints/last.ckpt"
     for i, path in enumerate([newer, older]):
         path.parent.mkdir(parents=True)
         path.touch()
         os.utime(path, (1_000_000 - i, 1_000_000 - i))
-    assert find_checkpoint("latest", runs_root=tmp_path) == newer
+    assert resolve_checkpoint("latest", runs_root=tmp_path) == newer
     with pytest.raises(UserError, match="no checkpoints under"):
-        find_checkpoint("latest", runs_root=tmp_path / "empty")
+        resolve_checkpoint("latest", runs_root=tmp_path / "empty")
 
 
 def test_checkpoint_errors_say_what_is_wrong(tmp_path):
@@ -188,7 +187,7 @@ def test_checkpoint_errors_say_what_is_wrong(tmp_path):
                               "pass ckpt=FILE.ckpt, a run directory or ckpt=latest")
     assert out.getvalue() == info.getvalue() == ""
     with pytest.raises(UserError, match="no last.ckpt in"):
-        find_checkpoint(str(tmp_path))
+        resolve_checkpoint(str(tmp_path))
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_text("not a checkpoint")
     with pytest.raises(UserError, match="cannot read checkpoint"):

@@ -14,6 +14,12 @@ class UserError(Exception):
     """A problem the user can fix; the message says how."""
 
 
+def first_line(err: BaseException, width: int = 160) -> str:
+    """`Kind: first line of the message`, cut to `width` characters: a foreign error inside one of ours."""
+    text = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 class TrainingInterrupted(Exception):
     """Ctrl+C or SIGTERM stopped training after its state was saved (callbacks.GracefulInterrupt)."""
 

@@ -27,8 +27,7 @@ from nanogpt_lightning.data.tokenizer import Tokenizer, UnknownCharactersError
 from nanogpt_lightning.devices import pick_device
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model.gpt import GPT
-from nanogpt_lightning.tools.sample import describe_origin, load_model, title
-from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY
+from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY, describe_origin, load_model, title
 
 WINDOWS = ("non-overlapping windows of block_size+1 = {n} tokens stepping by {block}: every token after the "
            "first predicted once, with the context since its window start")

@@ -1,7 +1,7 @@
-"""Load a checkpoint, generate text from a prompt and stream it (the body of scripts/sample.py).
+"""Generate text from a prompt and stream it (the body of scripts/sample.py).
 
-The checkpoint carries the model config and the tokenizer, so no dataset is needed. `ckpt=gpt2` (any
-`model.init_from` value: pretrained.py) samples from pretrained weights with GPT-2's tokenizer.
+The checkpoint carries the model config and the tokenizer, so no dataset is needed; `ckpt=gpt2` (any
+`model.init_from` value) samples from pretrained weights with GPT-2's tokenizer (train/checkpoints.load_model).
 """
 
 from __future__ import annotations
@@ -9,14 +9,13 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
 import torch
 from torch.nn import functional as F
 
-from nanogpt_lightning.data.tokenizer import Tokenizer, UnknownCharactersError, tokenizer_from_meta
+from nanogpt_lightning.data.tokenizer import Tokenizer, UnknownCharactersError
 from nanogpt_lightning.devices import (
     MIXED_PRECISION_DTYPES,
     PRECISION_ALIASES,
@@ -26,40 +25,10 @@ from nanogpt_lightning.devices import (
     pick_device,
 )
 from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.model.gpt import GPT, GPTConfig
-from nanogpt_lightning.model.gpt2 import is_pretrained
-from nanogpt_lightning.model.gpt2 import load_model as load_pretrained_model
-from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY, read_checkpoint, resolve_checkpoint, trained_on
+from nanogpt_lightning.model.gpt import GPT
+from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY, describe_origin, load_model, title
 
 SEPARATOR = "---------------"  # printed after each sample, as nanoGPT does
-
-
-def find_checkpoint(spec: str, runs_root: Path = Path("outputs")) -> Path:
-    """A checkpoint file; a run directory means its last.ckpt; `latest` the newest last.ckpt under `runs_root`."""
-    return resolve_checkpoint(spec, key="ckpt", runs_root=runs_root)
-
-
-def load_checkpoint(path: Path, device: torch.device) -> tuple[GPT, Tokenizer, dict]:
-    """The model (eval mode, on `device`), its tokenizer, and the raw checkpoint."""
-    checkpoint = read_checkpoint(path, key="ckpt")
-    meta = checkpoint[CHECKPOINT_KEY]
-    model = GPT(GPTConfig(**meta["model_config"]))
-    prefix = "model."
-    model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
-    return model.to(device).eval(), tokenizer_from_meta(meta["tokenizer"]), checkpoint
-
-
-def load_model(spec: str, device: torch.device) -> tuple[GPT, Tokenizer, dict, Path]:
-    """What `ckpt=spec` names: a checkpoint (see find_checkpoint) or pretrained weights (pretrained.is_pretrained).
-
-    Returns the model (eval mode, on `device`), its tokenizer, its checkpoint (for pretrained weights one that
-    holds their model config, tokenizer and name, `pretrained`) and its file (pretrained: their directory)."""
-    if spec != "latest" and is_pretrained(spec):
-        model, meta, pretrained = load_pretrained_model(spec, key="ckpt")
-        checkpoint = {CHECKPOINT_KEY: {"model_config": asdict(model.config), "tokenizer": meta, "pretrained": spec}}
-        return model.to(device), tokenizer_from_meta(meta), checkpoint, pretrained.directory
-    path = find_checkpoint(spec)
-    return *load_checkpoint(path, device), path
 
 
 def sampling_precision(precision: str, checkpoint: dict, device: torch.device) -> str:
@@ -77,21 +46,6 @@ def sampling_precision(precision: str, checkpoint: dict, device: torch.device) -
         precision = auto_precision(device)
     check_precision(precision, device, "precision")
     return precision
-
-
-def title(path: Path, checkpoint: dict) -> str:
-    """A model for messages: `PATH (step N)`, `pretrained gpt2 (DIR)`, or `pretrained DIR`."""
-    pretrained = checkpoint[CHECKPOINT_KEY].get("pretrained")
-    if not pretrained:
-        return f"{path} (step {checkpoint.get('global_step', '?')})"
-    return f"pretrained {pretrained}" + (f" ({path})" if Path(pretrained).expanduser() != path else "")
-
-
-def describe_origin(checkpoint: dict) -> str:
-    """`trained on ...` for a checkpoint; pretrained weights were trained elsewhere."""
-    if checkpoint[CHECKPOINT_KEY].get("pretrained"):
-        return "trained on data not recorded (pretrained weights, not a checkpoint)"
-    return f"trained on {trained_on(checkpoint)}"
 
 
 def read_prompt(prompt: str) -> str:

@@ -1,20 +1,29 @@
-"""The one place that finds and reads this project's checkpoints, for resuming training and for sampling.
+"""The one place that finds, reads and loads model weights: this project's checkpoints and GPT-2's.
 
 `resolve_checkpoint` turns what the user typed (a file, a run directory, `latest`) into a file;
 `read_checkpoint` loads it, refusing anything that is not a whole nanogpt_lightning checkpoint;
-`resume_path` checks it against the run about to start (model shapes, vocabulary, data, settings, progress).
-Every problem is a one-line UserError.
+`load_model` gives the model that `ckpt=` names (a checkpoint, or pretrained GPT-2 weights from a directory or
+the Hugging Face hub, mapped by model/gpt2.py), for sampling, evaluation and export; `init_from` does the same
+for training's `model.init_from`; `resume_path` checks a checkpoint against the run about to start (model
+shapes, vocabulary, data, settings, progress). Every problem is a one-line UserError.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from nanogpt_lightning.console import say
 from nanogpt_lightning.data.prepare import describe_data
-from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.model.gpt import GPTConfig
+from nanogpt_lightning.data.tokenizer import Tokenizer, tokenizer_from_meta
+from nanogpt_lightning.errors import UserError, first_line
+from nanogpt_lightning.model.gpt import GPT, GPTConfig
+from nanogpt_lightning.model.gpt2 import GPT2_EOS, check_gpt2_options, gpt_config, load_weights
 
 CHECKPOINT_KEY = "nanogpt_lightning"  # marks this project's checkpoints; holds what sampling needs
 TIME_BUDGET_KEY = "TimeBudget"  # callbacks.TimeBudget's state among a checkpoint's callback states
@@ -54,15 +63,172 @@ def read_checkpoint(path: Path, key: str = "ckpt") -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - torch.load raises many kinds (RuntimeError, UnpicklingError, ...)
-        reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-        if len(reason) > 160:
-            reason = reason[:157] + "..."
-        raise UserError(f"cannot read checkpoint {path}, it is truncated or not a checkpoint ({reason}); "
+        raise UserError(f"cannot read checkpoint {path}, it is truncated or not a checkpoint ({first_line(err)}); "
                         f"pass {key}=FILE.ckpt written by scripts/train.py") from None
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
         raise UserError(f"{path} is not a nanogpt_lightning checkpoint; "
                         f"pass {key}=FILE.ckpt written by scripts/train.py")
     return checkpoint
+
+
+def load_checkpoint(path: Path, device: torch.device) -> tuple[GPT, Tokenizer, dict]:
+    """The model of the checkpoint at `path` (eval mode, on `device`), its tokenizer, and the raw checkpoint."""
+    checkpoint = read_checkpoint(path, key="ckpt")
+    meta = checkpoint[CHECKPOINT_KEY]
+    model = GPT(GPTConfig(**meta["model_config"]))
+    prefix = "model."
+    model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+    return model.to(device).eval(), tokenizer_from_meta(meta["tokenizer"]), checkpoint
+
+
+def load_model(spec: str, device: torch.device) -> tuple[GPT, Tokenizer, dict, Path]:
+    """What `ckpt=spec` names: a checkpoint (see resolve_checkpoint) or pretrained weights (is_pretrained).
+
+    Returns the model (eval mode, on `device`), its tokenizer, its checkpoint (for pretrained weights one that
+    holds their model config, tokenizer and name, `pretrained`) and its file (pretrained: their directory)."""
+    if spec != "latest" and is_pretrained(spec):
+        pretrained = read_pretrained(spec, "ckpt")
+        named = f"ckpt={spec}"
+        model = load_weights(GPT(gpt_config(pretrained.hf_config, named)), pretrained.tensors, named).eval()
+        meta = pretrained_tokenizer(pretrained, model.config.vocab_size)
+        checkpoint = {CHECKPOINT_KEY: {"model_config": asdict(model.config), "tokenizer": meta, "pretrained": spec}}
+        return model.to(device), tokenizer_from_meta(meta), checkpoint, pretrained.directory
+    path = resolve_checkpoint(spec, key="ckpt")
+    return *load_checkpoint(path, device), path
+
+
+def title(path: Path, checkpoint: dict) -> str:
+    """A model for messages: `PATH (step N)`, `pretrained gpt2 (DIR)`, or `pretrained DIR`."""
+    pretrained = checkpoint[CHECKPOINT_KEY].get("pretrained")
+    if not pretrained:
+        return f"{path} (step {checkpoint.get('global_step', '?')})"
+    return f"pretrained {pretrained}" + (f" ({path})" if Path(pretrained).expanduser() != path else "")
+
+
+def describe_origin(checkpoint: dict) -> str:
+    """`trained on ...` for a checkpoint; pretrained weights were trained elsewhere."""
+    if checkpoint[CHECKPOINT_KEY].get("pretrained"):
+        return "trained on data not recorded (pretrained weights, not a checkpoint)"
+    return f"trained on {trained_on(checkpoint)}"
+
+
+# GPT-2 weights: `model.init_from=` / `ckpt=` gpt2|gpt2-medium|gpt2-large|gpt2-xl|DIR, as save_pretrained or
+# scripts/export.py write them (config.json and model.safetensors, or pytorch_model.bin)
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's four models on the Hugging Face hub
+CONFIG_FILE = "config.json"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the first one a directory holds is read
+TOKENIZER_META_FILE = "nanogpt_tokenizer.json"  # an export's tokenizer as this project describes it
+
+
+def is_pretrained(spec: str) -> bool:
+    """Whether `spec` names pretrained weights: one of GPT2_NAMES, or a directory holding config.json."""
+    return spec in GPT2_NAMES or (Path(spec).expanduser() / CONFIG_FILE).is_file()
+
+
+def _from_hub(name: str, key: str) -> Path:
+    """The hub snapshot directory of `name` with its config and safetensors weights: the local cache, else
+    a download; neither: one line that says how to get them."""
+    from huggingface_hub import constants, hf_hub_download  # only where GPT-2 is asked for: it loads requests
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    files = (CONFIG_FILE, WEIGHT_FILES[0])
+    try:
+        return Path([hf_hub_download(name, f, local_files_only=True) for f in files][-1]).parent
+    except LocalEntryNotFoundError:
+        pass
+    say(f"{name} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}): downloading it from the hub",
+        file=sys.stderr)
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # no retry notices: the one line below says what happened
+    try:
+        return Path([hf_hub_download(name, f) for f in files][-1]).parent
+    except Exception as err:  # noqa: BLE001 - no network, offline mode, a proxy: all end the same way
+        while err.__cause__ or err.__context__:  # the root of it (no network: the connection's error)
+            err = err.__cause__ or err.__context__
+        raise UserError(f"cannot get {key}={name}: it is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+                        f"and downloading it failed ({first_line(err, 120)}); download it where there is network "
+                        f"with `hf download {name} {' '.join(files)}` (older huggingface_hub: huggingface-cli "
+                        f"download ...), or pass {key}=DIR, a directory holding {' and '.join(files)}") from None
+    finally:
+        hub_log.setLevel(level)
+
+
+def locate(spec: str, key: str) -> Path:
+    """The directory holding the config and weights that `spec` names (see is_pretrained)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / CONFIG_FILE).is_file() or not any((path / f).is_file() for f in WEIGHT_FILES):
+            raise UserError(f"{key}={spec}: the directory must hold {CONFIG_FILE} and {' or '.join(WEIGHT_FILES)} "
+                            "(as save_pretrained or scripts/export.py write them)")
+        return path
+    if spec in GPT2_NAMES:
+        return _from_hub(spec, key)
+    raise UserError(f"{key}={spec} is neither a directory nor one of {', '.join(GPT2_NAMES)}; "
+                    f"pass one of those, or a directory holding {CONFIG_FILE} and {WEIGHT_FILES[0]}")
+
+
+@dataclass
+class Pretrained:
+    """Weights read from `directory`: its config.json (`hf_config`) and tensors in the file's own names."""
+
+    spec: str
+    directory: Path
+    hf_config: dict
+    tensors: dict[str, torch.Tensor]
+
+
+def read_pretrained(spec: str, key: str) -> Pretrained:
+    """The config and weights that `key=spec` names, read (safetensors, or a weights-only torch.load)."""
+    directory = locate(spec, key)
+    try:
+        hf_config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+        weights = next(directory / f for f in WEIGHT_FILES if (directory / f).is_file())
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file  # only where such weights are read
+
+            tensors = load_file(weights)
+        else:
+            tensors = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - json, safetensors and torch.load each raise their own kinds
+        raise UserError(f"cannot read the weights of {key}={spec} in {directory} ({first_line(err)}); "
+                        "pass a directory written by save_pretrained or scripts/export.py") from None
+    if hf_config.get("model_type", "gpt2") != "gpt2":
+        raise UserError(f"{key}={spec} is a {hf_config['model_type']} model, not GPT-2; pass GPT-2 weights")
+    return Pretrained(spec, directory, hf_config, tensors)
+
+
+def pretrained_tokenizer(pretrained: Pretrained, vocab_size: int) -> dict:
+    """The tokenizer description of pretrained weights: an export's own (a character vocabulary), else GPT-2's."""
+    meta_file = pretrained.directory / TOKENIZER_META_FILE
+    if meta_file.is_file():
+        return json.loads(meta_file.read_text(encoding="utf-8"))
+    if vocab_size == GPT2_EOS + 1:
+        return {"kind": "gpt2", "vocab_size": GPT2_EOS + 1}
+    raise UserError(f"ckpt={pretrained.spec} has a vocabulary of {vocab_size} tokens, not GPT-2's, and no "
+                    f"{TOKENIZER_META_FILE}; use the checkpoint it was exported from")
+
+
+def init_from(spec: str, tokenizer: dict, block_size: int, model_settings: dict) -> tuple[GPTConfig, Pretrained]:
+    """Training's model config for `model.init_from=spec` on data with `tokenizer` and `block_size`, and the
+    weights to load into it (model/gpt2.load_weights).
+
+    The shape comes from the weights; of the model settings only dropout and fused_loss apply (n_layer,
+    n_head, n_embd, bias, vocab_multiple, mlp are the weights'); an option GPT-2 lacks is refused."""
+    key = "model.init_from"
+    named = f"{key}={spec}"
+    if tokenizer.get("kind") != "gpt2":
+        raise UserError(f"{named} needs data in GPT-2's byte-pair encoding, this data is "
+                        f"{tokenizer.get('kind')}-level; pass data.tokenizer=gpt2 (e.g. data=shakespeare)")
+    check_gpt2_options(model_settings, named)
+    pretrained = read_pretrained(spec, key)
+    config = gpt_config(pretrained.hf_config, named, block_size, dropout=model_settings.get("dropout", 0.0),
+                        fused_loss=model_settings.get("fused_loss", True))
+    positions = pretrained.hf_config["n_positions"]
+    cropped = f", positions cropped to {block_size}" if block_size < positions else ""
+    say(f"init_from {spec} ({pretrained.directory}): {config.n_layer} layers, {config.n_head} heads, "
+        f"n_embd {config.n_embd}, {positions} positions{cropped}")
+    return config, pretrained
 
 
 def check_resumable(checkpoint: dict, model_config: GPTConfig, tokenizer: dict, path: Path) -> None:

@@ -22,8 +22,9 @@ from nanogpt_lightning.console import say
 from nanogpt_lightning.devices import auto_precision, check_compile, check_precision, pick_device
 from nanogpt_lightning.errors import TrainingInterrupted, UserError
 from nanogpt_lightning.metrics import EVAL_LOSS_TAGS
+from nanogpt_lightning.model.gpt2 import load_weights
 from nanogpt_lightning.train.callbacks import TimeBudget
-from nanogpt_lightning.train.checkpoints import resume_path
+from nanogpt_lightning.train.checkpoints import init_from, resume_path
 from nanogpt_lightning.train.module import GPTModule
 from nanogpt_lightning.train.rundir import check_fresh_run_dir, is_first_process
 
@@ -77,7 +78,7 @@ def run_settings(cfg: DictConfig) -> dict:
 def build_module(cfg: DictConfig, datamodule) -> GPTModule:
     """The GPT sized by the data: block size and vocabulary come from the data module, never the config.
 
-    With `model.init_from` the shape and the weights are GPT-2's (pretrained.py); the shape keys of
+    With `model.init_from` the shape and the weights are GPT-2's (checkpoints.init_from); the shape keys of
     `cfg.model` are set to the weights' so the run's settings (HPARAMS, resume checks) tell what trained."""
     model_settings = OmegaConf.to_container(cfg.model, resolve=True)
     spec = model_settings.pop("init_from", None)
@@ -90,8 +91,6 @@ def build_module(cfg: DictConfig, datamodule) -> GPTModule:
             model_config = instantiate(model_settings)(block_size=datamodule.block_size,
                                                        vocab_size=datamodule.vocab_size)
         else:
-            from nanogpt_lightning.model.gpt2 import init_from
-
             model_config, pretrained = init_from(spec, datamodule.meta["tokenizer"], datamodule.block_size,
                                                  model_settings)
             with open_dict(cfg.model):
@@ -106,9 +105,7 @@ def build_module(cfg: DictConfig, datamodule) -> GPTModule:
                                      data=datamodule.identity, run_settings=run_settings(cfg),
                                      compile_model=compile_model)
     if pretrained is not None:
-        from nanogpt_lightning.model.gpt2 import load_weights
-
-        load_weights(module.model, pretrained, "model.init_from")
+        load_weights(module.model, pretrained.tensors, f"model.init_from={spec}")
     try:
         module.configure_optimizers()  # a dry run: bad optimizer.* or scheduler.* settings fail here, not mid-fit
     except ValueError as err:
