@@ -6,7 +6,7 @@ from nanogpt_lightning.errors import ctrl_c_held, exit_on_user_error, quiet_ctrl
 
 quiet_ctrl_c("stopped by Ctrl+C; no prepared data was changed")  # a preparation is all or nothing (data.py)
 
-from nanogpt_lightning.config import compose_train_config  # noqa: E402
+from nanogpt_lightning.train.settings import compose_train_config  # noqa: E402
 
 
 @exit_on_user_error

@@ -12,8 +12,9 @@ with ctrl_c_held():
     import hydra
     from omegaconf import DictConfig
 
-    from nanogpt_lightning.config import register_resolvers, validate_train_config
+    from nanogpt_lightning.config import register_resolvers
     from nanogpt_lightning.train.rundir import remove_run_dir_on_early_failure
+    from nanogpt_lightning.train.settings import validate_train_config
     from nanogpt_lightning.train.sweeps import report_sweep_job
 
 register_resolvers()  # before hydra.main composes the config

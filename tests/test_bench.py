@@ -71,10 +71,10 @@ def test_plain_loop_compiled_is_nanogpts_compile_of_the_whole_model_and_trains_t
     build in CI): the compiled model is the GPT itself and its losses equal the uncompiled loop's."""
     import torch
 
-    from nanogpt_lightning.config import compose_train_config
     from nanogpt_lightning.model.gpt import GPT
     from nanogpt_lightning.tools.bench import plain_pytorch_loop, precision_variants, variant_config
     from nanogpt_lightning.train.run import build_datamodule
+    from nanogpt_lightning.train.settings import compose_train_config
 
     real_compile, compiled_models = torch.compile, []
 

@@ -5,7 +5,7 @@ import torch
 
 from helpers import SONNETS
 from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.model.gpt import GPTConfig
+from nanogpt_lightning.model.config import GPTConfig
 from nanogpt_lightning.train.checkpoints import (
     CHECKPOINT_KEY,
     check_resumable,

@@ -1,22 +1,20 @@
-"""config.py: every option of every config group composes, resolves and passes the checks; each kind of
-rule refuses bad values in one line naming the key; the real scripts print that line and exit 1."""
+"""config.py and train/settings.py: every option of every config group composes, resolves and passes the checks;
+each kind of rule refuses bad values in one line naming the key; the model's rules are GPTConfig's fields'; the
+real scripts print that line and exit 1."""
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
 
 import pytest
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from helpers import ROOT, SONNETS, TINY_RUN, run_script
-from nanogpt_lightning.config import (
-    SAMPLE_RULES,
-    TRAIN_RULES,
-    compose_train_config,
-    register_resolvers,
-    validate_sample_config,
-    validate_train_config,
-)
+from nanogpt_lightning.config import SAMPLE_RULES, choice, register_resolvers, validate_sample_config
 from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.model.config import MLPS, NORMS, GPTConfig, setting
+from nanogpt_lightning.train import settings
+from nanogpt_lightning.train.settings import TRAIN_RULES, compose_train_config, train_rules, validate_train_config
 
 CONF = ROOT / "conf"
 # options that cannot compose alone: the values they leave for the user (`???`)
@@ -208,6 +206,59 @@ def test_checks_across_keys(train_cfg):
         validate_train_config(cfg)
     cfg.scheduler.decay_lr = False  # a constant learning rate: no decay to come after the warmup
     validate_train_config(cfg)
+
+
+def test_the_rotary_head_size_is_checked_before_torch_loads_with_the_models_own_message(train_cfg):
+    cfg = train_cfg.copy()
+    cfg.model.rotary, cfg.model.n_embd, cfg.model.n_head = True, 12, 4
+    with pytest.raises(UserError) as err:
+        validate_train_config(cfg)
+    with pytest.raises(ValueError) as in_python:
+        GPTConfig(block_size=8, vocab_size=10, rotary=True, n_embd=12, n_head=4)
+    assert str(err.value) == str(in_python.value) == (
+        "model.rotary needs an even head size, got n_embd / n_head = 3; "
+        "pass e.g. model.n_embd=16, or model.rotary=false")
+
+
+@dataclass
+class GPTConfigWithAttention(GPTConfig):
+    """GPTConfig with one more option, as a new model option would be added: a field and its rule."""
+
+    attention: str = setting("sdpa", choice("sdpa", "flex"))
+
+
+def test_the_model_settings_rules_are_gptconfigs_fields(train_cfg, monkeypatch):
+    model_keys = {key for key in TRAIN_RULES if key.startswith("model.")}
+    assert model_keys == {f"model.{f.name}" for f in fields(GPTConfig)
+                          if f.name not in ("block_size", "vocab_size")} | {"model.init_from", "model.compile"}
+    for f in fields(GPTConfig):
+        if f.name not in ("block_size", "vocab_size"):
+            assert TRAIN_RULES[f"model.{f.name}"] is f.metadata["rule"]  # the field's rule itself, not a copy
+    assert TRAIN_RULES["model.norm"].description == "one of " + ", ".join(NORMS)
+    assert TRAIN_RULES["model.mlp"].description == "one of " + ", ".join(MLPS)
+
+    # a new field is a new setting, refused by its own rule without an entry in the table
+    monkeypatch.setattr(settings, "TRAIN_RULES", train_rules(GPTConfigWithAttention))
+    cfg = train_cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    cfg.model.attention = "flex"
+    validate_train_config(cfg)
+    cfg.model.attention = "flash"
+    with pytest.raises(UserError) as err:
+        validate_train_config(cfg)
+    assert str(err.value) == "model.attention must be one of sdpa, flex, got 'flash'; pass e.g. model.attention=sdpa"
+    with pytest.raises(ValueError) as in_python:  # ... and by GPTConfig built in Python, in the same words
+        GPTConfigWithAttention(block_size=8, vocab_size=10, attention="flash")
+    assert str(in_python.value) == str(err.value)
+
+
+def test_importing_the_settings_does_not_load_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, nanogpt_lightning.train.settings; assert 'torch' not in sys.modules, 'torch loaded'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 def test_interpolated_values_are_checked_resolved_and_blamed_on_the_key_typed(train_cfg):

@@ -50,6 +50,9 @@ CASES = {
     "an optimizer key the chosen optimizer lacks": (  # e.g. Muon's, left by an experiment after optimizer=adamw
         lambda d: ["optimizer=adamw", "+optimizer.adamw_lr=0.01"],
         "optimizer.adamw_lr is not a setting of this optimizer (adamw); drop it with ~optimizer.adamw_lr"),
+    "a trainer key Lightning lacks": (  # checked against Trainer's signature, as the callbacks' and loggers' keys
+        lambda d: ["+trainer.max_stepz=3"],
+        "trainer.max_stepz is not a setting of this trainer (Trainer); drop it with ~trainer.max_stepz"),
     "truncated checkpoint": (
         lambda d: [f"ckpt_path={write(d / 'torn.ckpt', (d / 'prev/checkpoints/last.ckpt').read_bytes()[:5000])}"],
         "cannot read checkpoint {d}/torn.ckpt, it is truncated or not a checkpoint ("),
@@ -135,7 +138,7 @@ def test_a_resume_with_a_changed_setting_or_on_other_data_is_refused(tmp_path):
     from types import SimpleNamespace
 
     from nanogpt_lightning.errors import UserError
-    from nanogpt_lightning.model.gpt import GPTConfig
+    from nanogpt_lightning.model.config import GPTConfig
     from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY, resume_path
     from nanogpt_lightning.train.run import RESUMABLE_CHANGES
 
@@ -164,6 +167,40 @@ def test_a_resume_with_a_changed_setting_or_on_other_data_is_refused(tmp_path):
     assert str(err.value).startswith(f"checkpoint {last} was trained on sonnets.txt (sha256 aaaaaaaaaaaa..., "
                                      "10 bytes), char tokenizer, 10% val, this run's data is reversed.txt (sha256 bbb")
     assert resume(data=other, allow_other_data=True) == last
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["+callbacks.model_checkpoint.monitr=x"], "callbacks.model_checkpoint.monitr is not a setting of this callback "
+                                               "(ModelCheckpoint); drop it with ~callbacks.model_checkpoint.monitr"),
+    (["+logger.nme=x"], "logger.nme is not a setting of this logger (TensorBoardLogger); drop it with ~logger.nme"),
+    (["logger=many", "+logger.csv.nme=x"],
+     "logger.csv.nme is not a setting of this logger (CSVLogger); drop it with ~logger.csv.nme"),
+    (["+trainer.plugins.0.nme=x"],
+     "trainer.plugins.0.nme is not a setting of this plugin (AtomicCheckpointIO); drop it with ~trainer.plugins.0.nme"),
+    (["logger=many", "+logger.tensorboard.flush_secs=30"], None),  # TensorBoardLogger passes it to its SummaryWriter
+])
+def test_a_callback_logger_or_plugin_key_its_target_lacks_is_one_line_before_anything_is_built(
+        tmp_path, monkeypatch, overrides, message):
+    """build_trainer checks every config with _target_ of trainer, callbacks and logger against its target's
+    signature before it builds any (the Trainer's own keys: the script case above)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from nanogpt_lightning.errors import UserError
+    from nanogpt_lightning.train import run
+    from nanogpt_lightning.train.settings import compose_train_config
+
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)  # compose sets it: put it back
+    cfg = compose_train_config([*TINY_RUN, *overrides], output_dir=str(tmp_path))
+    built = []
+    monkeypatch.setattr(run, "instantiate", lambda config, *args, **kwargs: built.append(config))
+    if message is None:
+        run.build_trainer(cfg)
+        assert built  # checked, then built
+        return
+    with pytest.raises(UserError) as err:
+        run.build_trainer(cfg)
+    assert str(err.value) == message
+    assert built == []
 
 
 BROKEN_PIPE = """

@@ -19,7 +19,8 @@ from nanogpt_lightning.config import EVAL_RULES, validate_eval_config
 from nanogpt_lightning.data.prepare import prepare_dataset
 from nanogpt_lightning.data.tokenizer import GPT2Tokenizer
 from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.model.gpt import GPT, GPTConfig
+from nanogpt_lightning.model.config import GPTConfig
+from nanogpt_lightning.model.gpt import GPT
 from nanogpt_lightning.tools.evaluate import evaluate, measure
 from nanogpt_lightning.train.checkpoints import load_checkpoint, resolve_checkpoint
 

@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from nanogpt_lightning.model import fused_loss
+from nanogpt_lightning.model.config import GPTConfig
 from nanogpt_lightning.model.fused_loss import (
     CHUNK_BYTES,
     default_chunk_rows,
     fused_linear_cross_entropy,
     matmul,
 )
-from nanogpt_lightning.model.gpt import GPT, GPTConfig
+from nanogpt_lightning.model.gpt import GPT
 from test_model import OPTION_SETS
 
 X86_ONEDNN = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()

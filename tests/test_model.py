@@ -4,7 +4,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from nanogpt_lightning.model.gpt import GPT, GPTConfig, apply_rotary, rotary_table
+from nanogpt_lightning.model.config import GPTConfig
+from nanogpt_lightning.model.gpt import GPT, apply_rotary, rotary_table
 
 # each modern option alone, and all together (tests/test_fused_loss.py and test_sampling.py use these too);
 # a small soft cap, so that it changes the logits of these tiny models
@@ -200,14 +201,23 @@ def test_invalid_shape_is_refused():
 
 
 @pytest.mark.parametrize("setting, message", [
-    (dict(norm="batchnorm"), "model.norm must be one of layernorm, rmsnorm, got 'batchnorm'"),
-    (dict(mlp="swiglu"), "model.mlp must be one of gelu, gelu_tanh, relu2, got 'swiglu'"),
-    (dict(logit_softcap=0.0), "model.logit_softcap must be a positive number or null, got 0.0"),
-    (dict(logit_softcap=-30), "model.logit_softcap must be a positive number or null, got -30"),
-    (dict(logit_softcap=math.inf), "model.logit_softcap must be a positive number or null, got inf"),
-    (dict(rotary=True, n_embd=12, n_head=4), "model.rotary needs an even head size, got n_embd / n_head = 3"),
+    (dict(norm="batchnorm"), "model.norm must be one of layernorm, rmsnorm, got 'batchnorm'; "
+                             "pass e.g. model.norm=layernorm"),
+    (dict(mlp="swiglu"), "model.mlp must be one of gelu, gelu_tanh, relu2, got 'swiglu'; pass e.g. model.mlp=gelu"),
+    (dict(logit_softcap=0.0), "model.logit_softcap must be a positive number or null, got 0.0; "
+                              "pass e.g. model.logit_softcap=30"),
+    (dict(logit_softcap=-30), "model.logit_softcap must be a positive number or null, got -30; "
+                              "pass e.g. model.logit_softcap=30"),
+    (dict(logit_softcap=math.inf), "model.logit_softcap must be a positive number or null, got inf; "
+                                   "pass e.g. model.logit_softcap=30"),
+    (dict(rotary=True, n_embd=12, n_head=4), "model.rotary needs an even head size, got n_embd / n_head = 3; "
+                                             "pass e.g. model.n_embd=16, or model.rotary=false"),
+    (dict(dropout=1.0), "model.dropout must be a number in [0, 1), got 1.0; pass e.g. model.dropout=0.1"),
+    (dict(n_layer=0), "model.n_layer must be a positive integer, got 0; pass e.g. model.n_layer=1"),
+    (dict(block_size=0), "data.block_size must be a positive integer, got 0; pass e.g. data.block_size=1"),
 ])
 def test_invalid_model_option_is_refused(setting, message):
+    """In the words of the training config's check (tests/test_config.py): the same rule, the same function."""
     with pytest.raises(ValueError) as err:
         GPTConfig(**{"block_size": 8, "vocab_size": 10, **setting})
     assert str(err.value) == message
@@ -272,5 +282,5 @@ def test_trigram_buckets_hash_each_token_with_the_two_before_it_in_the_window():
 
 
 def test_trigram_buckets_must_not_be_negative():
-    with pytest.raises(ValueError, match="model.trigram_buckets must be 0 .off. or positive, got -1"):
+    with pytest.raises(ValueError, match="^model.trigram_buckets must be a non-negative number of buckets, got -1"):
         tiny_gpt(trigram_buckets=-1)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from nanogpt_lightning.model.gpt import GPTConfig
+from nanogpt_lightning.model.config import GPTConfig
 from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY
 from nanogpt_lightning.train.module import GPTModule, WarmupCosineLR
 from nanogpt_lightning.train.optimizers import adamw

@@ -9,7 +9,8 @@ import lightning as L
 import pytest
 import torch
 
-from nanogpt_lightning.model.gpt import GPT, GPTConfig
+from nanogpt_lightning.model.config import GPTConfig
+from nanogpt_lightning.model.gpt import GPT
 from nanogpt_lightning.train.module import GPTModule, WarmupCosineLR
 from nanogpt_lightning.train.optimizers import BatchedMuon, MuonAdamW, muon, muon_split
 from test_data import make_datamodule

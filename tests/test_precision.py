@@ -87,7 +87,7 @@ def test_model_compile_compiles_each_block_in_place_and_gives_the_eager_loss(mon
     inductor's C++ build takes ~45 s on a 2-core CPU), weights keep their names, loss and gradients are eager's."""
     from functools import partial
 
-    from nanogpt_lightning.model.gpt import GPTConfig
+    from nanogpt_lightning.model.config import GPTConfig
     from nanogpt_lightning.train.module import GPTModule, WarmupCosineLR
     from nanogpt_lightning.train.optimizers import adamw
 
@@ -136,9 +136,9 @@ def test_model_compile_where_it_cannot_work_is_one_line(monkeypatch):
 
 
 def test_trainer_precision_auto_becomes_the_devices_pick_and_the_run_records_that(monkeypatch, tmp_path):
-    from nanogpt_lightning.config import compose_train_config
     from nanogpt_lightning.errors import UserError
     from nanogpt_lightning.train import run as training
+    from nanogpt_lightning.train.settings import compose_train_config
 
     for has_units, expected in ((True, "bf16-mixed"), (False, "32-true")):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)

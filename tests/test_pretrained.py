@@ -12,16 +12,17 @@ import torch
 from torch.nn import functional as F
 
 from helpers import ROOT, SONNETS
-from nanogpt_lightning.config import compose_train_config
 from nanogpt_lightning.data.tokenizer import GPT2Tokenizer
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model import gpt2
-from nanogpt_lightning.model.gpt import GPT, GPTConfig
+from nanogpt_lightning.model.config import GPTConfig
+from nanogpt_lightning.model.gpt import GPT
 from nanogpt_lightning.tools.evaluate import evaluate
 from nanogpt_lightning.tools.export import export
 from nanogpt_lightning.tools.sample import sample
 from nanogpt_lightning.train import checkpoints
 from nanogpt_lightning.train.checkpoints import load_checkpoint
+from nanogpt_lightning.train.settings import compose_train_config
 
 transformers = pytest.importorskip("transformers")
 CPU = torch.device("cpu")

@@ -11,7 +11,8 @@ from torch.nn import functional as F
 from helpers import run_script
 from nanogpt_lightning.data.tokenizer import GPT2Tokenizer
 from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.model.gpt import GPT, GPTConfig
+from nanogpt_lightning.model.config import GPTConfig
+from nanogpt_lightning.model.gpt import GPT
 from nanogpt_lightning.tools.sample import (
     SEPARATOR,
     generate,

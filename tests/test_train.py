@@ -20,7 +20,8 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from helpers import ITER_LINE, ROOT, STEP_LINE, TINY_RUN, run_script
 from nanogpt_lightning.data.prepare import describe_data
-from nanogpt_lightning.model.gpt import GPT, GPTConfig
+from nanogpt_lightning.model.config import GPTConfig
+from nanogpt_lightning.model.gpt import GPT
 
 
 def train(tmp_path, run_name, *overrides, check=True):
@@ -34,8 +35,8 @@ def train_in_process(run, *overrides) -> str:
     start-up. Returns what the run printed."""
     from hydra.core.hydra_config import HydraConfig
 
-    from nanogpt_lightning.config import compose_train_config
     from nanogpt_lightning.train.run import train as train_run
+    from nanogpt_lightning.train.settings import compose_train_config
 
     before = HydraConfig.instance().cfg
     printed = io.StringIO()

@@ -1,9 +1,10 @@
-"""Compose the training config and check every setting of it and of the sampling config, in one place.
+"""The rules settings follow, and the checks of the sampling, evaluation and export configs.
 
-Each knob has one rule in a table (TRAIN_RULES, SAMPLE_RULES), so a bad value is refused before anything
-is built or downloaded, in one line that names the key: `optimizer.lr must be a positive number, got 0`.
-Values are checked as YAML typed them, after interpolations resolve: `abc` is a string, `true` a bool
-(never an integer), `1e3` a float.
+Each knob has one rule (a Rule), so a bad value is refused before anything is built or downloaded, in one
+line that names the key: `optimizer.lr must be a positive number, got 0`. Values are checked as YAML typed
+them, after interpolations resolve: `abc` is a string, `true` a bool (never an integer), `1e3` a float.
+The training config's table and checks are train/settings.py's (the model's rules are GPTConfig's fields,
+model/config.py); this module imports neither (the base imports nothing above it).
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -29,26 +28,6 @@ def register_resolvers() -> None:
     needed before their values resolve. Safe to call more than once."""
     if not OmegaConf.has_resolver("multiply"):
         OmegaConf.register_new_resolver("multiply", lambda a, b: a * b)
-
-
-def compose_train_config(overrides: list[str], output_dir: str | None = None) -> DictConfig:
-    """conf/train.yaml with `overrides`, checked, outside a Hydra run (scripts/prepare.py, the benchmark).
-
-    With `output_dir` the config keeps its `hydra` node and becomes the current Hydra config, so
-    `${hydra:runtime.output_dir}` resolves to `output_dir`.
-    """
-    register_resolvers()
-    if output_dir is not None:
-        overrides = [*overrides, f"hydra.runtime.output_dir={output_dir}"]
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=output_dir is not None)
-    except HydraException as err:
-        raise UserError(str(err).splitlines()[0]) from None
-    if output_dir is not None:
-        HydraConfig.instance().set_config(cfg)
-    validate_train_config(cfg)
-    return cfg
 
 
 @dataclass(frozen=True)
@@ -131,6 +110,7 @@ BOOLEAN = Rule("true or false", "true", lambda v: isinstance(v, bool))
 POSITIVE_INT = integer(1)
 SEED = integer(0, maximum=2**32 - 1)  # the range Lightning's and NumPy's seeding accept
 FRACTION = number("0.1", zero_allowed=True, below=1)
+PORTION = Rule("a number in (0, 1]", "0.5", lambda v: _is_number(v) and 0 < v <= 1)
 BETAS = Rule("two numbers in [0, 1)", "[0.9,0.99]",
              lambda v: isinstance(v, list) and len(v) == 2 and all(FRACTION.accepts(b) for b in v))
 DEVICE_INDICES = Rule("a list of device indices", "[0]",
@@ -143,105 +123,6 @@ PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "auto", "bf16-true", "16-true
               "bf16")
 PRECISION = Rule("one of " + ", ".join(PRECISIONS), PRECISIONS[0],
                  lambda v: (isinstance(v, str) or _is_int(v)) and str(v) in PRECISIONS)
-
-TRAIN_RULES: dict[str, Rule] = {
-    # top level first: interpolations elsewhere (e.g. trainer.val_check_interval) are built from these
-    "seed": SEED,
-    "log_interval": integer(1, unit="iterations"),
-    "eval_interval": integer(1, unit="iterations"),
-    "eval_iters": integer(1, unit="batches"),
-    "budget_s": number("60", nullable=True),
-    "matmul_precision": choice("highest", "high", "medium"),
-    "ckpt_path": text("outputs/runs/RUN/checkpoints/last.ckpt", nullable=True),
-    "allow_other_data": BOOLEAN,
-    "verbose": BOOLEAN,
-    "data.input_file": text("PATH", nullable=True),
-    "data.url": text("URL", nullable=True),
-    "data.cache_dir": text("DIR", nullable=True),
-    "data.data_dir": text("DIR"),
-    "data.tokenizer": choice("char", "gpt2"),
-    "data.val_fraction": number("0.1", below=1),
-    "data.block_size": POSITIVE_INT,
-    "data.batch_size": POSITIVE_INT,
-    "data.num_workers": integer(0),
-    "data.eval_iters": integer(1, unit="batches"),
-    "data.seed": SEED,
-    "model.init_from": text("gpt2", nullable=True),
-    "model.n_layer": POSITIVE_INT,
-    "model.n_head": POSITIVE_INT,
-    "model.n_embd": POSITIVE_INT,
-    "model.dropout": FRACTION,
-    "model.bias": BOOLEAN,
-    "model.vocab_multiple": POSITIVE_INT,
-    "model.fused_loss": BOOLEAN,
-    "model.compile": BOOLEAN,
-    "model.rotary": BOOLEAN,
-    "model.norm": choice("layernorm", "rmsnorm"),
-    "model.qk_norm": BOOLEAN,
-    "model.mlp": choice("gelu", "gelu_tanh", "relu2"),
-    "model.tie_embeddings": BOOLEAN,
-    "model.logit_softcap": number("30", nullable=True),
-    "model.zero_init": BOOLEAN,
-    "model.value_embeddings": BOOLEAN,
-    "model.trigram_buckets": integer(0, unit="buckets", example="8191"),
-    "module.skip_nonfinite": BOOLEAN,
-    "optimizer.lr": number("0.001"),
-    "optimizer.weight_decay": number("0.1", zero_allowed=True),
-    "optimizer.betas": BETAS,
-    "optimizer.momentum": FRACTION,  # optimizer=muon: lr, weight_decay, momentum are Muon's; adamw_*, betas AdamW's
-    "optimizer.ns_steps": integer(1, unit="steps"),
-    "optimizer.adamw_lr": number("0.003"),
-    "optimizer.adamw_weight_decay": number("0.1", zero_allowed=True),
-    "scheduler.warmup_iters": integer(0, unit="iterations"),
-    "scheduler.lr_decay_iters": integer(1, unit="iterations"),
-    "scheduler.min_lr": number("0.0001", zero_allowed=True),
-    "scheduler.decay_lr": BOOLEAN,
-    "scheduler.cooldown": Rule("a number in (0, 1]", "0.5", lambda v: _is_number(v) and 0 < v <= 1),
-    "scheduler.decay": choice("cosine", "linear"),
-    "trainer.accelerator": choice("auto", "cpu", "gpu", "cuda", "mps"),
-    "trainer.devices": one_of(integer(1, also=(-1,)), choice("auto"), DEVICE_INDICES),
-    "trainer.num_nodes": POSITIVE_INT,
-    "trainer.strategy": one_of(text("ddp"), Rule("a config with _target_", "ddp",
-                                                 lambda v: isinstance(v, dict) and "_target_" in v)),
-    "trainer.precision": PRECISION,
-    "trainer.max_steps": integer(1, unit="iterations"),
-    "trainer.max_epochs": integer(1, also=(-1,)),
-    "trainer.accumulate_grad_batches": POSITIVE_INT,
-    "trainer.gradient_clip_val": number("1.0", zero_allowed=True, nullable=True),
-    "trainer.val_check_interval": integer(1, unit="micro-batches"),
-    "trainer.check_val_every_n_epoch": integer(1, nullable=True),
-    "trainer.num_sanity_val_steps": integer(0, also=(-1,)),
-    "trainer.enable_model_summary": BOOLEAN,
-    "trainer.log_every_n_steps": integer(1, unit="iterations"),
-    "trainer.default_root_dir": text("DIR"),
-    "trainer.plugins": TARGETS,
-    "callbacks.iteration_logger.log_interval": integer(1, unit="iterations"),
-    "callbacks.progress_bar.refresh_rate": integer(0),
-    "callbacks.model_checkpoint.dirpath": text("DIR"),
-    "callbacks.model_checkpoint.filename": text("best"),
-    "callbacks.model_checkpoint.monitor": text("val/loss"),
-    "callbacks.model_checkpoint.mode": choice("min", "max"),
-    "callbacks.model_checkpoint.save_top_k": integer(0, also=(-1,)),
-    "callbacks.model_checkpoint.save_last": BOOLEAN,
-    "callbacks.model_checkpoint.enable_version_counter": BOOLEAN,
-    "callbacks.model_checkpoint.auto_insert_metric_name": BOOLEAN,
-    "callbacks.last_checkpoint": Rule("a callback config with _target_, or null (no last.ckpt)", "null",
-                                      lambda v: isinstance(v, dict) and "_target_" in v, nullable=True),
-    "callbacks.last_checkpoint.dirpath": text("DIR"),
-    "logger.save_dir": text("DIR"),
-    "logger.name": text("tensorboard", nullable=True),
-    "logger.version": one_of(text("v1"), integer(0), nullable=True),
-    "logger.default_hp_metric": BOOLEAN,
-    "logger.project": text("nanogpt-lightning"),  # logger=wandb
-    "logger.offline": Rule("true or false", "true", lambda v: isinstance(v, bool), nullable=True),
-    "logger.tensorboard.save_dir": text("DIR"),  # logger=many: each logger's keys under its name
-    "logger.tensorboard.name": text("tensorboard", nullable=True),
-    "logger.tensorboard.version": one_of(text("v1"), integer(0), nullable=True),
-    "logger.tensorboard.default_hp_metric": BOOLEAN,
-    "logger.csv.save_dir": text("DIR"),
-    "logger.csv.name": text("csv", nullable=True),
-    "logger.csv.version": one_of(text("v1"), integer(0), nullable=True),
-}
 
 SAMPLE_RULES: dict[str, Rule] = {
     "ckpt": text("latest"),
@@ -311,7 +192,17 @@ def _value(cfg: DictConfig, key: str) -> Any:
     return value
 
 
-def _check(cfg: DictConfig, rules: dict[str, Rule]) -> dict[str, Any]:
+def refusal(key: str, rule: Rule, value: Any) -> str | None:
+    """The one-line refusal of `value` for the setting `key` under `rule`, or None when the rule accepts it.
+    The checks of configs (check_settings) and of GPTConfig built in Python (model/config.py) both say this."""
+    if value is None and rule.nullable or value is not None and rule.accepts(value):
+        return None
+    description = rule.description + (" or null" if rule.nullable else "")
+    what_to_do = rule.hint(key, value) or f"pass e.g. {key}={rule.example}"
+    return f"{key} must be {description}, got {_shown(value)}; {what_to_do}"
+
+
+def check_settings(cfg: DictConfig, rules: dict[str, Rule]) -> dict[str, Any]:
     """Every key of `rules` that `cfg` has, checked in table order; returns the resolved values."""
     values = {}
     for key, rule in rules.items():
@@ -320,43 +211,25 @@ def _check(cfg: DictConfig, rules: dict[str, Rule]) -> dict[str, Any]:
             continue
         if value is _MISSING:
             raise UserError(f"{key} must be set, got ???; pass {key}={rule.example}")
-        if not (value is None and rule.nullable or value is not None and rule.accepts(value)):
-            description = rule.description + (" or null" if rule.nullable else "")
-            what_to_do = rule.hint(key, value) or f"pass e.g. {key}={rule.example}"
-            raise UserError(f"{key} must be {description}, got {_shown(value)}; {what_to_do}")
+        message = refusal(key, rule, value)
+        if message is not None:
+            raise UserError(message)
         values[key] = value
     return values
 
 
-def validate_train_config(cfg: DictConfig) -> None:
-    """Refuse the first bad setting of a training config (conf/train.yaml composed), including the
-    combinations: n_embd a multiple of n_head, warmup shorter than the decay. Registers the resolvers the
-    values need, so any composed config can be checked."""
-    register_resolvers()
-    values = _check(cfg, TRAIN_RULES)
-    n_embd, n_head = values.get("model.n_embd"), values.get("model.n_head")
-    if n_embd is not None and n_head is not None and n_embd % n_head:
-        raise UserError(f"model.n_embd ({n_embd}) must be divisible by model.n_head ({n_head}); "
-                        f"pass e.g. model.n_embd={math.ceil(n_embd / n_head) * n_head}")
-    warmup, decay = values.get("scheduler.warmup_iters"), values.get("scheduler.lr_decay_iters")
-    if values.get("scheduler.decay_lr", True) and warmup is not None and decay is not None and warmup >= decay:
-        raise UserError(f"scheduler.warmup_iters must be below scheduler.lr_decay_iters ({decay}), got {warmup}; "
-                        "pass a smaller scheduler.warmup_iters, a larger scheduler.lr_decay_iters, "
-                        "or scheduler.decay_lr=false")
-
-
 def validate_sample_config(cfg: DictConfig) -> None:
     """Refuse the first bad setting of a sampling config (conf/sample.yaml)."""
-    _check(cfg, SAMPLE_RULES)
+    check_settings(cfg, SAMPLE_RULES)
 
 
 def validate_export_config(cfg: DictConfig) -> None:
     """Refuse the first bad setting of an export config (conf/export.yaml)."""
-    _check(cfg, EXPORT_RULES)
+    check_settings(cfg, EXPORT_RULES)
 
 
 def validate_eval_config(cfg: DictConfig) -> None:
     """Refuse the first bad setting of an evaluation config (conf/eval.yaml), or a split and a text together."""
-    values = _check(cfg, EVAL_RULES)
+    values = check_settings(cfg, EVAL_RULES)
     if values.get("split") is not None and values.get("text") is not None:
         raise UserError(f"split={values['split']} and text={values['text']} both name what to evaluate; pass one")

@@ -42,7 +42,7 @@ def fit_tiny(run: Path, max_steps: int, *callbacks, val_check_interval: int = 3,
     import lightning as L
 
     from nanogpt_lightning.data.prepare import TextDataModule
-    from nanogpt_lightning.model.gpt import GPTConfig
+    from nanogpt_lightning.model.config import GPTConfig
     from nanogpt_lightning.train.module import GPTModule, WarmupCosineLR
     from nanogpt_lightning.train.optimizers import adamw
 

@@ -367,9 +367,6 @@ class TextDataModule(L.LightningDataModule):
                  block_size: int = 64, batch_size: int = 12, eval_iters: int = 20,
                  val_fraction: float = 0.1, num_workers: int = 0, seed: int = 1337):
         super().__init__()
-        for name, value in (("block_size", block_size), ("batch_size", batch_size), ("eval_iters", eval_iters)):
-            if value <= 0:
-                raise UserError(f"data.{name} must be a positive integer, got {value}")
         self.data_dir = Path(data_dir)
         self.tokenizer = tokenizer
         self.input_file = Path(input_file).expanduser() if input_file else None

@@ -6,68 +6,14 @@ Knows nothing of Lightning or Hydra. References:
 """
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from nanogpt_lightning.model.config import GPTConfig
 from nanogpt_lightning.model.fused_loss import fused_linear_cross_entropy
 
-
-@dataclass
-class GPTConfig:
-    block_size: int
-    vocab_size: int
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = False  # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
-    vocab_multiple: int = 1  # pad the embedding table to a multiple of this (64 makes 50257 -> 50304)
-    fused_loss: bool = True  # output layer + cross-entropy in chunks, never materialising all logits
-    # modern options (modded-nanogpt's); the defaults are nanoGPT's model, so checkpoints that predate them
-    # (their stored config lacks these keys) build the same model
-    rotary: bool = False  # rotary position embeddings on q and k instead of the learned position table wpe
-    norm: str = "layernorm"  # or "rmsnorm" (learned weight, no bias): ln_1, ln_2, ln_f
-    qk_norm: bool = False  # RMS-normalise q and k per head (no weight) before attention (and before rotary)
-    mlp: str = "gelu"  # or "gelu_tanh": GELU's tanh approximation (OpenAI's GPT-2), or "relu2": ReLU squared
-    tie_embeddings: bool = True  # False: the output layer lm_head is its own matrix, not the token embedding
-    logit_softcap: float | None = None  # a number c > 0: logits = c * tanh(logits / c)
-    zero_init: bool = False  # zero-initialise the output projections (c_proj) and an untied lm_head
-    value_embeddings: bool = False  # each layer adds a token-indexed vector (its own table, zero at start) to v
-    trigram_buckets: int = 0  # > 0: add a hashed embedding of each token with the two before it (zero at start)
-
-    def __post_init__(self):
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
-            )
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"model {name} must be positive, got {getattr(self, name)}")
-        if self.trigram_buckets < 0:
-            raise ValueError(f"model.trigram_buckets must be 0 (off) or positive, got {self.trigram_buckets}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        for name, kinds in (("norm", NORMS), ("mlp", MLPS)):
-            if getattr(self, name) not in kinds:
-                raise ValueError(f"model.{name} must be one of {', '.join(kinds)}, got {getattr(self, name)!r}")
-        softcap = self.logit_softcap
-        if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-                                    or not 0 < softcap < math.inf):
-            raise ValueError(f"model.logit_softcap must be a positive number or null, got {softcap}")
-        if self.rotary and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"model.rotary needs an even head size, got n_embd / n_head = "
-                             f"{self.n_embd // self.n_head}")
-
-    @property
-    def padded_vocab_size(self) -> int:
-        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
-
-
-NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "gelu_tanh", "relu2")
 ROTARY_BASE = 10000.0
 
 

@@ -44,7 +44,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from nanogpt_lightning.config import compose_train_config
 from nanogpt_lightning.cpu_memory import OFF_SWITCH, tune_cpu_memory
 from nanogpt_lightning.devices import (
     MIXED_PRECISION_DTYPES,
@@ -57,6 +56,7 @@ from nanogpt_lightning.devices import (
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.model.fused_loss import matmul, onednn_in_use
 from nanogpt_lightning.train.run import build_datamodule, build_module, build_trainer
+from nanogpt_lightning.train.settings import compose_train_config
 
 MATMULS_PER_TURN = 5
 VARIANTS = ("plain", "plain+tuned", "lightning", "lightning+fused")

@@ -17,6 +17,7 @@ from nanogpt_lightning.metrics import EVAL_BPB_TAGS, EVAL_LOSS_TAGS, SPLITS
 from nanogpt_lightning.model.gpt import GPT, GPTConfig
 from nanogpt_lightning.train.callbacks import last_checkpoint, print_line
 from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY
+from nanogpt_lightning.train.settings import warmup_refusal
 
 
 class WarmupCosineLR(LambdaLR):
@@ -33,8 +34,9 @@ class WarmupCosineLR(LambdaLR):
     def __init__(self, optimizer, warmup_iters: int, lr_decay_iters: int, min_lr: float, decay_lr: bool = True,
                  cooldown: float = 1.0, decay: str = "cosine"):
         max_lr = optimizer.param_groups[0]["lr"]
-        if decay_lr and not 0 <= warmup_iters < lr_decay_iters:
-            raise ValueError("scheduler.warmup_iters must be >= 0 and below scheduler.lr_decay_iters")
+        too_long = warmup_refusal(warmup_iters, lr_decay_iters, decay_lr)  # the training config's check too
+        if too_long:
+            raise ValueError(too_long)
         if not 0 < cooldown <= 1:
             raise ValueError(f"scheduler.cooldown must be in (0, 1], got {cooldown}")
         if decay not in ("cosine", "linear"):

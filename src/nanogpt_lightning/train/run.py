@@ -14,7 +14,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import get_method, instantiate
+from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
@@ -113,17 +113,58 @@ def build_module(cfg: DictConfig, datamodule) -> GPTModule:
     return module
 
 
-def check_settings_taken(cfg: DictConfig, group: str) -> None:
-    """Refuse, in one line, a key of `group` that its target does not take: e.g. Muon's keys, left by an
-    experiment, after optimizer=adamw (the call would fail with a TypeError)."""
-    target = get_method(cfg[group]._target_)
-    parameters = inspect.signature(target).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
-        return
-    for key in cfg[group]:
-        if not key.startswith("_") and key not in parameters:
-            name = cfg[group]._target_.rsplit(".", 1)[-1]
-            raise UserError(f"{group}.{key} is not a setting of this {group} ({name}); drop it with ~{group}.{key}")
+def check_settings_taken(cfg: DictConfig, group: str, taken_here: tuple[str, ...] = ()) -> None:
+    """Refuse, in one line, a key that its target does not take, in the config `group` and in every config with
+    `_target_` inside it: e.g. Muon's keys, left by an experiment, after optimizer=adamw; `+trainer.max_stepz=3`;
+    a trainer plugin's (trainer.plugins.0.KEY), a callback's (callbacks.NAME.KEY), a logger's (logger.KEY, or
+    logger=many's logger.NAME.KEY). Instantiating them would fail in Hydra's traceback (or, for a key a target
+    passes on in **kwargs, mid-run); a `_target_` that cannot be imported is one line too. `taken_here`: keys
+    of `group` the caller takes itself, not its target (model.init_from)."""
+    from hydra._internal.utils import _locate  # what instantiate uses; get_method would log its own error
+
+    # targets that pass their **kwargs on: the first of these that imports takes them
+    passed_on = {"lightning.pytorch.loggers.TensorBoardLogger": ("torch.utils.tensorboard.SummaryWriter",
+                                                                  "tensorboardX.SummaryWriter")}
+
+    def parameters(path: str, target: str) -> dict | None:  # None: takes any keyword
+        try:
+            taken = dict(inspect.signature(_locate(target)).parameters)
+        except ImportError as err:
+            raise UserError(f"{path}._target_={target} cannot be imported ({str(err).splitlines()[0]}); "
+                            f"fix it or drop {path}") from None
+        except (TypeError, ValueError):  # no signature to read (a builtin): instantiating will tell
+            return None
+        if not any(p.kind == p.VAR_KEYWORD for p in taken.values()):
+            return taken
+        for receiver in passed_on.get(target, ()):
+            try:
+                return taken | dict(inspect.signature(_locate(receiver)).parameters)
+            except ImportError:
+                continue
+        return None
+
+    def check(node, path: str, noun: str, skipped: tuple[str, ...] = ()) -> None:
+        if isinstance(node, ListConfig):
+            for i, item in enumerate(node):
+                check(item, f"{path}.{i}", noun)
+            return
+        if not isinstance(node, DictConfig):
+            return
+        children = list(node.items_ex(resolve=False))
+        if "_target_" in node:
+            target = str(node._target_)
+            taken = parameters(path, target)
+            for key, _ in children:
+                if taken is not None and not key.startswith("_") and key not in taken and key not in skipped:
+                    raise UserError(f"{path}.{key} is not a setting of this {noun} ({target.rsplit('.', 1)[-1]}); "
+                                    f"drop it with ~{path}.{key}")
+            for key, child in children:  # configs it takes: a strategy, plugins
+                check(child, f"{path}.{key}", key.removesuffix("s"))
+        else:  # named configs of one kind: callbacks.NAME, logger=many's logger.NAME
+            for key, child in children:
+                check(child, f"{path}.{key}", noun)
+
+    check(OmegaConf.select(cfg, group), group, group.rsplit(".", 1)[-1].removesuffix("s"), taken_here)
 
 
 def build_loggers(logger_cfg: DictConfig | None):
@@ -151,6 +192,8 @@ def build_trainer(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ())
     """The Trainer of `cfg.trainer` with the run's callbacks (and `extra_callbacks`, e.g. bench's clock) and
     loggers; under a time budget the budget ends the run, not an iteration count. A device that is not here,
     or settings Lightning refuses: one line."""
+    for group in ("trainer", "callbacks", "logger"):  # a key no target takes: one line, before any is built
+        check_settings_taken(cfg, group)
     kwargs = {"callbacks": [*build_callbacks(cfg), *extra_callbacks], "logger": build_loggers(cfg.logger)}
     if cfg.budget_s is not None:
         kwargs["max_steps"] = -1
@@ -219,6 +262,8 @@ def train(cfg: DictConfig) -> float:
         check_fresh_run_dir(Path(HydraConfig.get().runtime.output_dir).absolute(), cfg.ckpt_path, "hydra.sweep.dir")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     resolve_precision(cfg)
+    for group in ("data", "model", "module", "optimizer", "scheduler", "trainer", "callbacks", "logger"):
+        check_settings_taken(cfg, group, taken_here=("init_from", "compile") if group == "model" else ())
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     module = build_module(cfg, datamodule)
