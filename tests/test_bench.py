@@ -1,17 +1,32 @@
 """scripts/bench.py runs all four loops, and two in bf16-mixed, on a tiny config and prints its table, and nothing
-of its participants; the plain loop compiled as nanoGPT compiles it."""
+of its participants, and leaves nothing in the temporary directory; the plain loop compiled as nanoGPT compiles
+it; settings bench refuses in one line."""
 
 import math
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ["plain", "plain+tuned", "lightning", "lightning+fused", "plain bf16-mixed", "lightning+fused bf16-mixed"]
 
 
-def test_bench_prints_its_table_with_real_figures_only(tmp_path):
+@pytest.fixture
+def temp_dir(tmp_path, monkeypatch):
+    """The temporary directory of this process and of those it starts: a folder under tmp_path, to see what bench
+    leaves there, and so that the tests leave nothing in the machine's."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_bench_prints_its_table_with_real_figures_only(tmp_path, temp_dir):
     text = tmp_path / "text.txt"
     text.write_text("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.\n" * 60)
     # the progress bar is left on: the participants' output must not reach bench's
@@ -23,6 +38,9 @@ def test_bench_prints_its_table_with_real_figures_only(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr
+    # the participants' folder is removed (no --keep-logs); torch may leave its own cache folder (torchinductor_*)
+    assert list(temp_dir.glob("nanogpt-bench-*")) == []
+    assert "logs in" not in result.stdout
     out = result.stdout
     assert "\r" not in out + result.stderr
     assert not re.search(r"^(plain )?iter ", out, re.MULTILINE), out
@@ -72,7 +90,8 @@ def test_plain_loop_compiled_is_nanogpts_compile_of_the_whole_model_and_trains_t
     import torch
 
     from nanogpt_lightning.model.gpt import GPT
-    from nanogpt_lightning.tools.bench import plain_pytorch_loop, precision_variants, variant_config
+    from nanogpt_lightning.tools.bench.loops import plain_pytorch_loop
+    from nanogpt_lightning.tools.bench.variants import precision_variants, variant_config
     from nanogpt_lightning.train.run import build_datamodule
     from nanogpt_lightning.train.settings import compose_train_config
 
@@ -104,19 +123,29 @@ def test_plain_loop_compiled_is_nanogpts_compile_of_the_whole_model_and_trains_t
                                                                "lightning+fused+compile")
 
 
-def test_bench_compile_without_a_compiler_is_one_line(tmp_path, monkeypatch):
+def test_bench_compile_without_a_compiler_is_one_line_and_a_kept_folder_stays(tmp_path, temp_dir, monkeypatch):
     import shutil
 
-    import pytest
-
     from nanogpt_lightning.errors import UserError
-    from nanogpt_lightning.tools import bench as benchmark
+    from nanogpt_lightning.tools.bench.runner import run
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     text = tmp_path / "text.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 40)
     with pytest.raises(UserError) as err:
-        benchmark.run(["data=text", f"data.input_file={text}", f"data.data_dir={tmp_path / 'data'}",
-                       "trainer.accelerator=cpu"], 1, 1, 1, precisions="", compiled=True)
+        run(["data=text", f"data.input_file={text}", f"data.data_dir={tmp_path / 'data'}", "trainer.accelerator=cpu"],
+            1, 1, 1, precisions="", compiled=True, keep_logs=True)
     assert str(err.value) == ("bench.py --compile: torch.compile on cpu needs a C++ compiler (g++ or clang++) on the "
                               "PATH; install one or pass --no-compile")
+    assert len(list(temp_dir.glob("nanogpt-bench-*"))) == 1  # kept: keep_logs (--keep-logs)
+
+
+def test_bench_refuses_a_time_budget_in_one_line_and_leaves_nothing(tmp_path, temp_dir):
+    from nanogpt_lightning.errors import UserError
+    from nanogpt_lightning.tools.bench.runner import run
+
+    with pytest.raises(UserError) as err:
+        run(["data=text", f"data.input_file={tmp_path / 'text.txt'}", "budget_s=60"], 1, 1, 1, precisions="")
+    assert str(err.value) == ("bench.py times a fixed number of iterations (--warmup, --rounds, --steps), not a time "
+                              "budget: got budget_s=60; pass budget_s=null")
+    assert list(temp_dir.glob("nanogpt-bench-*")) == []
