@@ -9,7 +9,7 @@ import torch
 from helpers import fit_tiny
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.train.callbacks import TimeBudget
-from nanogpt_lightning.train.checkpoints import resume_path, seconds_trained
+from nanogpt_lightning.train.run import resume_path
 
 BUDGET_S = 3.0  # long enough for more than 100 iterations (an evaluation at 100) on a busy 2-core machine
 EVAL_SLEEP_S = 0.3
@@ -70,13 +70,13 @@ def test_the_schedule_runs_on_the_budget_and_ends_at_min_lr(budget_run):
 def test_checkpoints_keep_the_seconds_used_and_a_spent_budget_is_not_resumed(budget_run):
     trainer, budget, _, checkpoint = budget_run
     saved = torch.load(checkpoint, weights_only=False)
-    assert seconds_trained(saved) == pytest.approx(budget.seconds_used(), abs=1e-6)
-    assert seconds_trained(saved) >= BUDGET_S
+    assert TimeBudget.seconds_trained(saved) == pytest.approx(budget.seconds_used(), abs=1e-6)
+    assert TimeBudget.seconds_trained(saved) >= BUDGET_S
     assert "_fraction_used" not in saved["lr_schedulers"][0]  # the clock is the run's, not the checkpoint's
 
     resumed = TimeBudget(BUDGET_S + 10)
     resumed.load_state_dict(saved["callbacks"]["TimeBudget"])
-    assert resumed.fraction_used() == pytest.approx(seconds_trained(saved) / (BUDGET_S + 10))
+    assert resumed.fraction_used() == pytest.approx(TimeBudget.seconds_trained(saved) / (BUDGET_S + 10))
 
     module = trainer.lightning_module
     complete = rf"already complete: it trained \d+\.\ds of budget_s={BUDGET_S:g}; pass a larger budget_s"

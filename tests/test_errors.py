@@ -139,8 +139,8 @@ def test_a_resume_with_a_changed_setting_or_on_other_data_is_refused(tmp_path):
 
     from nanogpt_lightning.errors import UserError
     from nanogpt_lightning.model.config import GPTConfig
-    from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY, resume_path
-    from nanogpt_lightning.train.run import RESUMABLE_CHANGES
+    from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY
+    from nanogpt_lightning.train.run import RESUMABLE_CHANGES, resume_path
 
     config = GPTConfig(block_size=16, vocab_size=38, n_layer=1, n_head=2, n_embd=32)
     tokenizer = {"kind": "char", "chars": "x", "vocab_size": 38}

@@ -11,7 +11,8 @@ import torch
 
 from helpers import ITER_LINE, ROOT, STEP_LINE, TINY_RUN, run_script
 from nanogpt_lightning.errors import UserError
-from nanogpt_lightning.train.callbacks import AtomicCheckpointIO, GracefulInterrupt
+from nanogpt_lightning.train.callbacks import GracefulInterrupt
+from nanogpt_lightning.train.checkpoint_io import AtomicCheckpointIO
 from test_train import train_in_process
 
 # dropout on, so the resumed run must also restore torch's random generator

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from nanogpt_lightning.console import say
 from nanogpt_lightning.data.tokenizer import build_tokenizer
 from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.files import write_whole
 from nanogpt_lightning.metrics import SPLITS
 
 TINY_SHAKESPEARE_URL = (
@@ -79,10 +80,7 @@ def download(url: str, cache_dir: Path) -> Path:
         raise UserError(
             f"could not download {url} ({err}); with no network, pass a local text file: data.input_file=PATH"
         ) from None
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # the pid keeps processes downloading at once apart
-    tmp.write_bytes(body)
-    os.replace(tmp, target)
+    write_whole(target, body)
     return target
 
 

@@ -14,7 +14,8 @@ import math
 import torch
 
 from nanogpt_lightning.errors import UserError, first_line
-from nanogpt_lightning.model.gpt import GPT, GPTConfig
+from nanogpt_lightning.model.config import GPTConfig
+from nanogpt_lightning.model.gpt import GPT
 
 PREFIX = "transformer."
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

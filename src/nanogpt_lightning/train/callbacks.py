@@ -1,8 +1,8 @@
-"""Our own Lightning callbacks and plugins.
+"""Our own Lightning callbacks.
 
 nanoGPT-style iteration lines and metrics, the run's summary (start-up line, TensorBoard HPARAMS), a
-progress bar with an ETA on terminals, last.ckpt at every evaluation and at the end, loss.png, a clean
-stop on Ctrl+C/SIGTERM, and atomic checkpoint writes.
+progress bar with an ETA on terminals, a time budget, last.ckpt at every evaluation and at the end, loss.png,
+and a clean stop on Ctrl+C/SIGTERM. (Checkpoints are written whole by train/checkpoint_io.py.)
 """
 
 from __future__ import annotations
@@ -16,32 +16,37 @@ from pathlib import Path
 from time import perf_counter
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Checkpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-from tqdm import tqdm
 
-from nanogpt_lightning.console import say
+from nanogpt_lightning.console import print_line
 from nanogpt_lightning.data.prepare import describe_data
-from nanogpt_lightning.errors import TrainingInterrupted, UserError
+from nanogpt_lightning.errors import TrainingInterrupted
 from nanogpt_lightning.metrics import EVAL_BPB_TAGS, EVAL_LOSS_TAGS, ITER_LOSS_TAG
-from nanogpt_lightning.train.checkpoints import TIME_BUDGET_KEY
+from nanogpt_lightning.plotting import plot_curves, run_curves
+from nanogpt_lightning.train.checkpoint_io import AtomicCheckpointIO
 
 # HPARAMS' metric columns: the final evaluation's losses and bits per byte
 FINAL_TAGS = {tag: f"hp/final_{tag.replace('/', '_')}" for tag in (*EVAL_LOSS_TAGS.values(), *EVAL_BPB_TAGS.values())}
 
 
-def print_line(trainer: L.Trainer, line: str) -> None:
-    """Print once (rank zero), above the progress bar when there is one, and record it in the run's log."""
-    if not trainer.is_global_zero:
-        return
-    bar = trainer.progress_bar_callback
-    # tqdm.write: above the bars, and printed also when none is open yet (Lightning's bar.print drops it then)
-    say(line, write=tqdm.write if bar is not None and bar.is_enabled else None)
+class IterationCallback(L.Callback):
+    """A callback that acts once per iteration (optimizer step): `on_iteration_end` runs at the micro-batch that
+    completes one, whatever the gradient accumulation."""
+
+    def on_train_start(self, trainer, pl_module):
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self._last_step:
+            self._last_step = trainer.global_step
+            self.on_iteration_end(trainer, pl_module)
+
+    def on_iteration_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        raise NotImplementedError
 
 
-class IterationLogger(L.Callback):
+class IterationLogger(IterationCallback):
     """Every `log_interval` iterations (optimizer steps): `iter N: loss X.XXXX, time Y.YYms`.
 
     The loss is the mean over the iteration's micro-batches; the time is the mean wall time per
@@ -60,8 +65,8 @@ class IterationLogger(L.Callback):
         self._window_tokens = 0
 
     def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
         self._iteration_loss = None
-        self._last_step = trainer.global_step
         self._start_window(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -69,10 +74,10 @@ class IterationLogger(L.Callback):
         micro_loss = outputs["loss"].detach()
         self._iteration_loss = micro_loss if self._iteration_loss is None else self._iteration_loss + micro_loss
         self._window_tokens += batch[0].numel()
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_iteration_end(self, trainer, pl_module):
         step = trainer.global_step
-        if step == self._last_step:
-            return  # still accumulating gradients
-        self._last_step = step
         iteration_loss, self._iteration_loss = self._iteration_loss, None
         if step % self.log_interval:
             return
@@ -137,7 +142,7 @@ class StepProgressBar(TQDMProgressBar):
         bar.refresh()
 
 
-class TimeBudget(L.Callback):
+class TimeBudget(IterationCallback):
     """`budget_s`: stop after `seconds` of training time, evaluate and save as at a normal end.
 
     Training time runs from the start of each training batch to the next evaluation: evaluations and the
@@ -145,8 +150,6 @@ class TimeBudget(L.Callback):
     evaluates often. The LR schedule follows the fraction of the budget used (WarmupCosineLR.follow). The
     seconds used are kept in checkpoints: a resumed run spends what is left.
     """
-
-    state_key = TIME_BUDGET_KEY  # checkpoints.seconds_trained reads the seconds used from here
 
     def __init__(self, seconds: float):
         self.seconds = seconds
@@ -162,20 +165,22 @@ class TimeBudget(L.Callback):
     def _pause(self) -> None:
         self._used, self._since = self.seconds_used(), None
 
+    @classmethod
+    def seconds_trained(cls, checkpoint: dict) -> float:
+        """The seconds of training a checkpoint's run had used under its budget (0 without one)."""
+        return checkpoint.get("callbacks", {}).get(cls.__qualname__, {}).get("seconds_used", 0.0)
+
     def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
         for config in trainer.lr_scheduler_configs:
             if hasattr(config.scheduler, "follow"):
                 config.scheduler.follow(self.fraction_used)
-        self._last_step = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._since is None:
             self._since = perf_counter()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self._last_step:
-            return  # mid-accumulation: the iteration is not finished yet
-        self._last_step = trainer.global_step
+    def on_iteration_end(self, trainer, pl_module):
         spent = self.seconds_used() >= self.seconds
         if trainer.world_size > 1:
             spent = trainer.strategy.reduce_boolean_decision(spent, all=False)  # all ranks stop together
@@ -256,9 +261,6 @@ class LossPlot(L.Callback):
     def _plot(self, trainer: L.Trainer) -> None:
         if not trainer.is_global_zero:
             return
-        # imported here: plotting imports this module, and matplotlib need not load before training
-        from nanogpt_lightning.plotting import plot_curves, run_curves
-
         for logger in trainer.loggers:  # what was logged so far, on disk
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.flush()
@@ -305,7 +307,7 @@ def last_checkpoint(trainer: L.Trainer) -> LastCheckpoint:
     return found[0] if found else LastCheckpoint(str(Path(trainer.default_root_dir) / "checkpoints"))
 
 
-class GracefulInterrupt(L.Callback):
+class GracefulInterrupt(IterationCallback):
     """Ctrl+C (SIGINT) or SIGTERM: finish the current iteration, save `last.ckpt`, then stop.
 
     A second Ctrl+C exits at once, removing a checkpoint it was writing (AtomicCheckpointIO never leaves a
@@ -327,9 +329,9 @@ class GracefulInterrupt(L.Callback):
         self._install_handlers()  # from the start of fit: Lightning would take a Ctrl+C before training itself
 
     def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
         # again: when fit starts, Lightning puts its own SIGTERM handler in front (it ends fit quietly)
         self._install_handlers()
-        self._last_step = trainer.global_step
 
     def _request_stop(self, signum, frame):
         if self.signum is not None:
@@ -340,13 +342,13 @@ class GracefulInterrupt(L.Callback):
               "(press Ctrl+C again to quit at once)", file=sys.stderr, flush=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        stop = self.signum is not None
-        if trainer.world_size > 1:
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if trainer.global_step == self._last_step:
-            return  # mid-accumulation: the iteration is not finished yet
-        self._last_step = trainer.global_step
-        if not stop:
+        self._stop = self.signum is not None
+        if trainer.world_size > 1:  # every micro-batch: each process reduces as often as the others
+            self._stop = trainer.strategy.reduce_boolean_decision(self._stop, all=False)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_iteration_end(self, trainer, pl_module):
+        if not self._stop:
             return
         path = last_checkpoint(trainer).save(trainer)
         raise TrainingInterrupted(self.signum or signal.SIGTERM, trainer.global_step, path)
@@ -355,55 +357,3 @@ class GracefulInterrupt(L.Callback):
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers = {}
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint beside its target (`.<name>.<pid>.partial`), then rename it into place.
-
-    A process killed mid-write leaves the previous file whole (a rename is atomic on one filesystem); its
-    partial file is removed by the next run's LastCheckpoint, or at once by a second Ctrl+C.
-    """
-
-    _writing: set[Path] = set()  # partial files this process is writing now
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        self._writing.add(partial)
-        try:
-            with open(partial, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial, path)
-        except OSError as err:  # a full disk, a quota, a directory made read-only
-            kept = f"; the previous {path.name} is whole" if path.exists() else ""
-            raise UserError(f"cannot write the checkpoint {path} ({err.strerror or err}){kept}; free some space "
-                            "or make the directory writable, then resume") from None
-        finally:
-            partial.unlink(missing_ok=True)
-            self._writing.discard(partial)
-
-    @classmethod
-    def remove_partial_files(cls) -> None:
-        for partial in list(cls._writing):
-            partial.unlink(missing_ok=True)
-
-    @staticmethod
-    def remove_stale_partial_files(directory: Path) -> None:
-        """Partial files in `directory` whose writing process is gone (killed mid-save)."""
-        for partial in directory.glob(".*.partial"):
-            pid = partial.name.split(".")[-2]
-            if pid.isdigit() and not _process_alive(int(pid)):
-                partial.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True

@@ -4,8 +4,8 @@
 `read_checkpoint` loads it, refusing anything that is not a whole nanogpt_lightning checkpoint;
 `load_model` gives the model that `ckpt=` names (a checkpoint, or pretrained GPT-2 weights from a directory or
 the Hugging Face hub, mapped by model/gpt2.py), for sampling, evaluation and export; `init_from` does the same
-for training's `model.init_from`; `resume_path` checks a checkpoint against the run about to start (model
-shapes, vocabulary, data, settings, progress). Every problem is a one-line UserError.
+for training's `model.init_from`; the `check_*` functions hold a checkpoint against the run about to resume
+it (model shapes, vocabulary, data, settings; train/run.resume_path). Every problem is a one-line UserError.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from nanogpt_lightning.console import say
 from nanogpt_lightning.data.prepare import describe_data
 from nanogpt_lightning.data.tokenizer import Tokenizer, tokenizer_from_meta
 from nanogpt_lightning.errors import UserError, first_line
-from nanogpt_lightning.model.gpt import GPT, GPTConfig
+from nanogpt_lightning.model.config import GPTConfig
+from nanogpt_lightning.model.gpt import GPT
 from nanogpt_lightning.model.gpt2 import GPT2_EOS, check_gpt2_options, gpt_config, load_weights
 
 CHECKPOINT_KEY = "nanogpt_lightning"  # marks this project's checkpoints; holds what sampling needs
-TIME_BUDGET_KEY = "TimeBudget"  # callbacks.TimeBudget's state among a checkpoint's callback states
 # the model settings that give the weights their shapes; a resumed run must repeat them
 SHAPE_SETTINGS = ("n_layer", "n_head", "n_embd", "bias", "vocab_multiple")
 
@@ -286,33 +286,3 @@ def check_same_settings(checkpoint: dict, settings: dict, path: Path, may_change
         changes = ", ".join(f"{key}={settings.get(key)} (checkpoint: {saved.get(key)})" for key in differ)
         raise UserError(f"checkpoint {path} was trained with other settings: {changes}; resume with the "
                         "checkpoint's settings, or start a new run (its weights cannot carry over)")
-
-
-def seconds_trained(checkpoint: dict) -> float:
-    """The seconds of training a time-budgeted run had used (callbacks.TimeBudget's state; 0 without a budget)."""
-    return checkpoint.get("callbacks", {}).get(TIME_BUDGET_KEY, {}).get("seconds_used", 0.0)
-
-
-def resume_path(spec: str | None, module, max_steps: int, budget_s: float | None, allow_other_data: bool,
-                may_change: tuple[str, ...]) -> Path | None:
-    """The checkpoint file a `ckpt_path=` setting names, checked against the run about to start (`module`,
-    a GPTModule): same shapes and vocabulary, same data unless allowed, same settings, not already done
-    (its iterations, or under a time budget its seconds)."""
-    if spec is None:
-        return None
-    path = resolve_checkpoint(spec, key="ckpt_path")
-    checkpoint = read_checkpoint(path, key="ckpt_path")
-    check_resumable(checkpoint, module.model_config, module.tokenizer, path)
-    if not allow_other_data:
-        check_same_data(checkpoint, module.data, path)
-    check_same_settings(checkpoint, module.run_settings, path, may_change)
-    step = checkpoint.get("global_step", 0)
-    if budget_s is not None:
-        used = seconds_trained(checkpoint)
-        if used >= budget_s:
-            raise UserError(f"the run of {path} is already complete: it trained {used:.1f}s of budget_s={budget_s:g}; "
-                            "pass a larger budget_s to train further")
-    elif step >= max_steps:
-        raise UserError(f"the run of {path} is already complete: it reached iteration {step} of "
-                        f"trainer.max_steps={max_steps}; pass a larger trainer.max_steps to train further")
-    return path

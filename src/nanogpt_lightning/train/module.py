@@ -11,11 +11,13 @@ import torch
 from lightning.pytorch.plugins.precision import Precision
 from torch.optim.lr_scheduler import LambdaLR
 
+from nanogpt_lightning.console import print_line
 from nanogpt_lightning.data.tokenizer import tokenizer_from_meta
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.metrics import EVAL_BPB_TAGS, EVAL_LOSS_TAGS, SPLITS
-from nanogpt_lightning.model.gpt import GPT, GPTConfig
-from nanogpt_lightning.train.callbacks import last_checkpoint, print_line
+from nanogpt_lightning.model.config import GPTConfig
+from nanogpt_lightning.model.gpt import GPT
+from nanogpt_lightning.train.callbacks import last_checkpoint
 from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY
 from nanogpt_lightning.train.settings import warmup_refusal
 

@@ -23,8 +23,9 @@ from nanogpt_lightning.devices import auto_precision, check_compile, check_preci
 from nanogpt_lightning.errors import TrainingInterrupted, UserError
 from nanogpt_lightning.metrics import EVAL_LOSS_TAGS
 from nanogpt_lightning.model.gpt2 import load_weights
+from nanogpt_lightning.train import checkpoints
 from nanogpt_lightning.train.callbacks import TimeBudget
-from nanogpt_lightning.train.checkpoints import init_from, resume_path
+from nanogpt_lightning.train.checkpoints import init_from
 from nanogpt_lightning.train.module import GPTModule
 from nanogpt_lightning.train.rundir import check_fresh_run_dir, is_first_process
 
@@ -73,6 +74,31 @@ def run_settings(cfg: DictConfig) -> dict:
         elif value is not _ABSENT:
             settings[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
     return settings
+
+
+def resume_path(spec: str | None, module, max_steps: int, budget_s: float | None, allow_other_data: bool,
+                may_change: tuple[str, ...]) -> Path | None:
+    """The checkpoint file a `ckpt_path=` setting names, checked against the run about to start (`module`,
+    a GPTModule): same shapes and vocabulary, same data unless allowed, same settings, not already done
+    (its iterations, or under a time budget its seconds)."""
+    if spec is None:
+        return None
+    path = checkpoints.resolve_checkpoint(spec, key="ckpt_path")
+    checkpoint = checkpoints.read_checkpoint(path, key="ckpt_path")
+    checkpoints.check_resumable(checkpoint, module.model_config, module.tokenizer, path)
+    if not allow_other_data:
+        checkpoints.check_same_data(checkpoint, module.data, path)
+    checkpoints.check_same_settings(checkpoint, module.run_settings, path, may_change)
+    step = checkpoint.get("global_step", 0)
+    if budget_s is not None:
+        used = TimeBudget.seconds_trained(checkpoint)
+        if used >= budget_s:
+            raise UserError(f"the run of {path} is already complete: it trained {used:.1f}s of budget_s={budget_s:g}; "
+                            "pass a larger budget_s to train further")
+    elif step >= max_steps:
+        raise UserError(f"the run of {path} is already complete: it reached iteration {step} of "
+                        f"trainer.max_steps={max_steps}; pass a larger trainer.max_steps to train further")
+    return path
 
 
 def build_module(cfg: DictConfig, datamodule) -> GPTModule:

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from nanogpt_lightning.console import say
 from nanogpt_lightning.errors import TrainingInterrupted, UserError
+from nanogpt_lightning.files import write_whole
 
 JOBS_DIR = ".jobs"  # under hydra.sweep.dir
 STOP_FILE = "stop"  # in JOBS_DIR: the sweep is stopping, no further job starts
@@ -42,11 +43,8 @@ def describe(num: int, overrides: list[str]) -> str:
 
 
 def _write(path: Path, record) -> None:
-    """Write beside the target, then rename: the main process never reads half a record."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(record))
-    partial.replace(path)
+    """Written whole: the main process never reads half a record."""
+    write_whole(path, json.dumps(record).encode())
 
 
 def report_sweep_job(main):
