@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SONNETS, TINY_SHAKESPEARE
+from helpers import SONNETS, TINY_SHAKESPEARE, prepare_text
 from nanogpt_lightning.data import prepare as data_module
-from nanogpt_lightning.data.prepare import RandomWindows, TextDataModule, describe_data, prepare_dataset
+from nanogpt_lightning.data.datamodule import TextDataModule
+from nanogpt_lightning.data.prepare import describe_data
 from nanogpt_lightning.data.tokenizer import tokenizer_from_meta
+from nanogpt_lightning.data.windows import RandomWindows
 from nanogpt_lightning.errors import UserError
 
 URL = "https://example.invalid/input.txt"
@@ -63,14 +65,14 @@ def serve_url(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["char", "gpt2"])
 def test_prepare_writes_bins_that_decode_back_to_the_text(kind, tmp_path, sonnets_text, capsys):
-    directory = prepare_dataset(SONNETS, tmp_path, kind)
+    directory = prepare_text(SONNETS, tmp_path, kind)
     assert directory.parent == tmp_path and directory.name.startswith(f"{kind}-")
     assert sorted(p.name for p in tmp_path.iterdir()) == [directory.name]  # no temporary left
     train, val = bins(directory).values()
     meta = json.loads((directory / "meta.json").read_text())
     assert meta["source"] == str(SONNETS.resolve())
     assert meta["source_bytes"] == SONNETS.stat().st_size
-    assert meta["source_sha256"] == data_module._sha256(SONNETS.read_bytes())
+    assert meta["source_sha256"] == data_module.sha256_of(SONNETS.read_bytes())
     assert meta["val_fraction"] == 0.1
     assert meta["tokens"] == {"train": len(train), "val": len(val)}
     tok = tokenizer_from_meta(meta["tokenizer"])
@@ -86,7 +88,7 @@ def test_prepare_writes_bins_that_decode_back_to_the_text(kind, tmp_path, sonnet
 @pytest.mark.parametrize("kind, train_count, val_count", [
     ("gpt2", "301,966", "36,059"), ("char", "1,003,854", "111,540")])
 def test_prepare_tiny_shakespeare_gives_nanogpts_counts(kind, train_count, val_count, tmp_path, capsys):
-    directory = prepare_dataset(TINY_SHAKESPEARE, tmp_path, kind)
+    directory = prepare_text(TINY_SHAKESPEARE, tmp_path, kind)
     assert capsys.readouterr().out.splitlines() == [f"train has {train_count} tokens",
                                                     f"val has {val_count} tokens", f"prepared data: {directory}"]
 
@@ -110,7 +112,7 @@ def test_batches_are_shifted_windows_of_the_training_tokens(tmp_path):
 
 
 def test_the_stream_depends_only_on_its_key_and_start(tmp_path):
-    bin_path = prepare_dataset(SONNETS, tmp_path, "char") / "train.bin"
+    bin_path = prepare_text(SONNETS, tmp_path, "char") / "train.bin"
     whole = list(RandomWindows(bin_path, 8, 2, key=(1, 0, 0), num_batches=6))
     resumed = list(RandomWindows(bin_path, 8, 2, key=(1, 0, 0), start=4, num_batches=2))
     assert same(whole[4:], resumed)

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import SONNETS, TINY_RUN, run_script
-from nanogpt_lightning.data.prepare import prepare_dataset
+from helpers import SONNETS, TINY_RUN, prepare_text, run_script
 from test_train import train_in_process
 
 
@@ -89,7 +88,7 @@ def outcomes(tmp_path_factory):
     """Every case in its own directory, two at a time; the resume cases once a tiny run, trained meanwhile in this
     process (the same run as train.py's, without its start-up), is there."""
     root = tmp_path_factory.mktemp("errors")
-    prepare_dataset(SONNETS, root / "data", "char")  # what train.py prepares, so it is not prepared again
+    prepare_text(SONNETS, root / "data", "char")  # what train.py prepares, so it is not prepared again
 
     def run_case(name):
         case_dir = root / name.replace(" ", "_").replace("'", "")

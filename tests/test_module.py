@@ -5,8 +5,9 @@ import torch
 
 from nanogpt_lightning.model.config import GPTConfig
 from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY
-from nanogpt_lightning.train.module import GPTModule, WarmupCosineLR
+from nanogpt_lightning.train.module import GPTModule
 from nanogpt_lightning.train.optimizers import adamw
+from nanogpt_lightning.train.schedules import WarmupCosineLR
 
 
 def schedule(**kwargs):

@@ -11,8 +11,9 @@ import torch
 
 from nanogpt_lightning.model.config import GPTConfig
 from nanogpt_lightning.model.gpt import GPT
-from nanogpt_lightning.train.module import GPTModule, WarmupCosineLR
+from nanogpt_lightning.train.module import GPTModule
 from nanogpt_lightning.train.optimizers import BatchedMuon, MuonAdamW, muon, muon_split
+from nanogpt_lightning.train.schedules import WarmupCosineLR
 from test_data import make_datamodule
 
 CONFIG = GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=32)

@@ -88,8 +88,9 @@ def test_model_compile_compiles_each_block_in_place_and_gives_the_eager_loss(mon
     from functools import partial
 
     from nanogpt_lightning.model.config import GPTConfig
-    from nanogpt_lightning.train.module import GPTModule, WarmupCosineLR
+    from nanogpt_lightning.train.module import GPTModule
     from nanogpt_lightning.train.optimizers import adamw
+    from nanogpt_lightning.train.schedules import WarmupCosineLR
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend="eager"))

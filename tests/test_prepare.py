@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import SONNETS, run_script
-from nanogpt_lightning.data.prepare import TextDataModule
+from nanogpt_lightning.data.datamodule import TextDataModule
 from nanogpt_lightning.errors import UserError
 
 

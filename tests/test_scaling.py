@@ -13,7 +13,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import ITER_LINE, SONNETS, STEP_LINE, TINY_RUN, run_script
-from nanogpt_lightning.data.prepare import TextDataModule
+from nanogpt_lightning.data.datamodule import TextDataModule
 from nanogpt_lightning.train import run as training
 
 

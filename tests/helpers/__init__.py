@@ -41,10 +41,11 @@ def fit_tiny(run: Path, max_steps: int, *callbacks, val_check_interval: int = 3,
 
     import lightning as L
 
-    from nanogpt_lightning.data.prepare import TextDataModule
+    from nanogpt_lightning.data.datamodule import TextDataModule
     from nanogpt_lightning.model.config import GPTConfig
-    from nanogpt_lightning.train.module import GPTModule, WarmupCosineLR
+    from nanogpt_lightning.train.module import GPTModule
     from nanogpt_lightning.train.optimizers import adamw
+    from nanogpt_lightning.train.schedules import WarmupCosineLR
 
     data = TextDataModule(data_dir=str(run.parent / "data"), input_file=str(SONNETS), block_size=8,
                           batch_size=2, eval_iters=1)
@@ -59,3 +60,12 @@ def fit_tiny(run: Path, max_steps: int, *callbacks, val_check_interval: int = 3,
                         enable_model_summary=False, callbacks=list(callbacks))
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return trainer
+
+
+def prepare_text(path: Path, data_dir: Path, tokenizer: str, val_fraction: float = 0.1) -> Path:
+    """Prepare a local text as `data=text data.input_file=PATH` does; returns its prepared directory."""
+    from nanogpt_lightning.data.datamodule import TextDataModule
+
+    data = TextDataModule(data_dir=str(data_dir), tokenizer=tokenizer, input_file=str(path), val_fraction=val_fraction)
+    data.prepare_data()
+    return data.prepared_dir

@@ -1,15 +1,11 @@
-"""Text -> uint16 token bins + metadata, and the LightningDataModule that samples random windows.
+"""Text -> uint16 token bins + metadata, written whole; what prepared data is, for messages and checkpoints.
 
 Prepared data is known by what it is made from. Each preparation is a directory of its own under
 `data_dir`, `<tokenizer>-<12 hex digits>`, the digits hashing the source (the SHA-256 of a local
 file's bytes, or the URL of a downloaded text), the tokenizer and the validation fraction; it holds
 `train.bin`, `val.bin` and `meta.json`. A directory is written whole beside its place and renamed
 into it, so it is there complete or not at all, and a different text or tokenizer never touches it.
-
-The data module memory-maps the bins and serves random (x, y) windows, y shifted by one token. Each
-training batch is drawn from its own random stream keyed by (seed, split, rank, batch index), and
-each evaluation batch by (seed, split, rank, the evaluation's step, batch index), so a resumed run
-sees exactly the batches an uninterrupted one would have seen.
+Batches are drawn from the bins by data/windows.py, for the LightningDataModule in data/datamodule.py.
 """
 
 from __future__ import annotations
@@ -27,10 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
-import lightning as L
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, IterableDataset
 
 from nanogpt_lightning.console import say
 from nanogpt_lightning.data.tokenizer import build_tokenizer
@@ -51,7 +44,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanogpt-lightning"
 
 
-def _sha256(data: bytes) -> str:
+def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -108,7 +101,7 @@ def read_input_file(path: Path) -> bytes:
     return data
 
 
-def _check_long_enough(split: str, n_tokens: int, block_size: int) -> None:
+def check_long_enough(split: str, n_tokens: int, block_size: int) -> None:
     if n_tokens <= block_size:
         raise UserError(
             f"the {split} split has {n_tokens} tokens, not more than data.block_size={block_size};"
@@ -126,7 +119,7 @@ class Source:
 
     def dir_name(self, tokenizer: str, val_fraction: float) -> str:
         defining = json.dumps([self.sha256 or self.location, tokenizer, float(val_fraction)])
-        return f"{tokenizer}-{_sha256(defining.encode())[:12]}"
+        return f"{tokenizer}-{sha256_of(defining.encode())[:12]}"
 
     def made(self, meta: dict) -> bool:
         """Whether `meta` describes data made from this source."""
@@ -213,7 +206,7 @@ def _build(directory: Path, source: Source, data: bytes, tokenizer: str, val_fra
     parts = {"train": text[:n_train_chars], "val": text[n_train_chars:]}
     encoded = {split: np.array(tok.encode(part), dtype=TOKEN_DTYPE) for split, part in parts.items()}
     for split, ids in encoded.items():
-        _check_long_enough(split, len(ids), block_size)
+        check_long_enough(split, len(ids), block_size)
     directory.parent.mkdir(parents=True, exist_ok=True)
     # a hidden sibling of a name no other process uses; mkdir, unlike mkdtemp, honours the umask
     tmp = directory.parent / f".{directory.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
@@ -224,7 +217,7 @@ def _build(directory: Path, source: Source, data: bytes, tokenizer: str, val_fra
         meta = {
             "source": source.location,
             "source_bytes": len(data),
-            "source_sha256": _sha256(data),
+            "source_sha256": sha256_of(data),
             "tokenizer": tok.to_meta(),
             "vocab_size": tok.vocab_size,
             "val_fraction": val_fraction,
@@ -262,14 +255,6 @@ def prepare(data_dir: Path, source: Source, read: Callable[[], bytes], tokenizer
     return directory
 
 
-def prepare_dataset(input_file: Path, data_dir: Path, tokenizer: str, val_fraction: float = 0.1,
-                    block_size: int = 0) -> Path:
-    """Prepare a local text file as `data.input_file=...` does, without a data module; returns its directory."""
-    data = read_input_file(Path(input_file))
-    source = Source(str(Path(input_file).resolve()), _sha256(data))
-    return prepare(Path(data_dir), source, lambda: data, tokenizer, val_fraction, block_size)
-
-
 def identity_of(meta: dict) -> dict:
     """What prepared data is (source, its hash and size, tokenizer kind, val fraction, tokens), from its
     meta.json, JSON-able: stored in checkpoints, so a resumed run, a sample or an evaluation can tell which
@@ -293,190 +278,3 @@ def describe_data(identity: dict) -> str:
     name = PurePosixPath(urlparse(source).path).name if "://" in source else Path(source).name
     return (f"{name} (sha256 {identity['source_sha256'][:12]}..., {identity['source_bytes']:,} bytes), "
             f"{identity['tokenizer']} tokenizer, {identity['val_fraction'] * 100:g}% val")
-
-
-class RandomWindows(IterableDataset):
-    """Batches of random (x, y) windows of one token bin, y = x shifted by one.
-
-    `num_batches=None` streams forever. Batch i is drawn from the stream keyed (*key, i), starting at
-    `start`, so the sequence depends only on the key and the start, never on what was drawn before.
-    The bin is opened once and kept open, so the data stays the same while the dataset lives.
-    """
-
-    def __init__(self, bin_path: Path, block_size: int, batch_size: int, key: tuple[int, ...],
-                 start: int = 0, num_batches: int | None = None):
-        self.bin_path = bin_path
-        self.block_size = block_size
-        self.batch_size = batch_size
-        self.key = key
-        self.start = start
-        self.num_batches = num_batches
-        self._tokens = None
-
-    def __getstate__(self) -> dict:
-        # a worker process started by spawn opens the bin itself: pickling a memmap would copy the data
-        return {**self.__dict__, "_tokens": None}
-
-    def tokens(self) -> np.ndarray:
-        if self._tokens is None:
-            self._tokens = np.memmap(self.bin_path, dtype=TOKEN_DTYPE, mode="r")
-        return self._tokens
-
-    def batches(self, key: tuple[int, ...], start: int):
-        tokens = self.tokens()
-        window = np.arange(self.block_size + 1)
-        worker = torch.utils.data.get_worker_info()
-        first, stride = (0, 1) if worker is None else (worker.id, worker.num_workers)
-        end = None if self.num_batches is None else start + self.num_batches
-        index = start + first
-        while end is None or index < end:
-            rng = np.random.default_rng([*key, index])
-            starts = rng.integers(0, len(tokens) - self.block_size, size=self.batch_size)
-            windows = torch.from_numpy(tokens[starts[:, None] + window].astype(np.int64))
-            yield windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
-            index += stride
-
-    def __iter__(self):
-        return self.batches(self.key, self.start)
-
-
-class EvalWindows(RandomWindows):
-    """`num_batches` batches per pass, keyed also by `step()` when the pass starts (the trainer's step):
-    an evaluation at a given step sees the same batches whether or not the run was resumed on the way."""
-
-    def __init__(self, bin_path: Path, block_size: int, batch_size: int, key: tuple[int, ...], num_batches: int,
-                 step: Callable[[], int]):
-        super().__init__(bin_path, block_size, batch_size, key, num_batches=num_batches)
-        self.step = step
-
-    def __iter__(self):
-        return self.batches((*self.key, self.step()), 0)
-
-
-class TextDataModule(L.LightningDataModule):
-    """A text file tokenized into memmapped bins; random training windows and eval batches of both splits.
-
-    The vocabulary and the tokenizer are read from the prepared data (`meta`), never configured. The
-    data in use (`prepared_dir`) is fixed for the module's life once found or prepared.
-    """
-
-    def __init__(self, data_dir: str, tokenizer: str = "char", input_file: str | None = None,
-                 url: str | None = TINY_SHAKESPEARE_URL, cache_dir: str | None = None,
-                 block_size: int = 64, batch_size: int = 12, eval_iters: int = 20,
-                 val_fraction: float = 0.1, num_workers: int = 0, seed: int = 1337):
-        super().__init__()
-        self.data_dir = Path(data_dir)
-        self.tokenizer = tokenizer
-        self.input_file = Path(input_file).expanduser() if input_file else None
-        self.url = url
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        self.block_size = block_size
-        self.batch_size = batch_size
-        self.eval_iters = eval_iters
-        self.val_fraction = val_fraction
-        self.num_workers = num_workers
-        self.seed = seed
-        self._source: Source | None = None
-        self._meta: dict | None = None
-
-    def _identify(self) -> Source:
-        """The source, found once: the data in use stays the same for the module's life."""
-        if self._source is None:
-            if self.input_file is not None:
-                self._source = Source(str(self.input_file.resolve()), _sha256(read_input_file(self.input_file)))
-            elif self.url:
-                self._source = Source(self.url)
-            else:
-                raise UserError("no data: pass a text file with data.input_file=PATH")
-        return self._source
-
-    def _read_source(self) -> bytes:
-        """The source's bytes, to write its data: downloaded once, or the local file as it was when found."""
-        if self.input_file is None:
-            return download(self.url, self.cache_dir).read_bytes()
-        data = read_input_file(self.input_file)
-        if _sha256(data) != self._source.sha256:
-            raise UserError(f"data.input_file {str(self.input_file)!r} changed while this run was using it; "
-                            "run again")
-        return data
-
-    def prepare_data(self, force: bool = False) -> None:
-        """Prepare the data unless it is there and whole; `force` rebuilds it anyway (atomically)."""
-        prepare(self.data_dir, self._identify(), self._read_source, self.tokenizer, self.val_fraction,
-                self.block_size, force)
-
-    @property
-    def prepared_dir(self) -> Path:
-        """The directory of this module's data under `data_dir` (there or not)."""
-        return self.data_dir / self._identify().dir_name(self.tokenizer, self.val_fraction)
-
-    def prepare_command(self) -> str:
-        """The scripts/prepare.py command line that prepares this module's data, for messages."""
-        source = str(self.input_file) if self.input_file is not None else self.url
-        return prepare_command(source, self.tokenizer, self.val_fraction, self.data_dir)
-
-    def _checked_dir(self) -> Path:
-        """`prepared_dir`, refused in one line unless whole; checked once, its meta.json then kept."""
-        directory = self.prepared_dir
-        if self._meta is None:
-            wrong = damage(directory, self._source, self.tokenizer, self.val_fraction)
-            if wrong == "missing":
-                raise UserError(f"no prepared data for these data.* settings in {self.data_dir}; "
-                                f"prepare it with {self.prepare_command()}")
-            if wrong is not None:
-                raise UserError(f"prepared data in {directory} is damaged ({wrong}); "
-                                f"rebuild it with {self.prepare_command()}")
-            self._meta = json.loads((directory / "meta.json").read_text())
-        return directory
-
-    @property
-    def meta(self) -> dict:
-        """meta.json of the data in use."""
-        self._checked_dir()
-        return self._meta
-
-    @property
-    def vocab_size(self) -> int:
-        return self.meta["vocab_size"]
-
-    @property
-    def identity(self) -> dict:
-        """What the data in use is (identity_of its meta.json)."""
-        return identity_of(self.meta)
-
-    def setup(self, stage: str | None = None) -> None:
-        for split in SPLITS:
-            _check_long_enough(split, self.meta["tokens"][split], self.block_size)
-
-    def _rank(self) -> int:
-        return self.trainer.global_rank if self.trainer is not None else 0
-
-    def _step(self) -> int:
-        return self.trainer.global_step if self.trainer is not None else 0
-
-    def _bin(self, split: str) -> Path:
-        return self._checked_dir() / f"{split}.bin"
-
-    def train_dataloader(self) -> DataLoader:
-        # continue the stream where a resumed run stopped: one batch per micro-step so far
-        start = 0
-        if self.trainer is not None:
-            start = self.trainer.global_step * self.trainer.accumulate_grad_batches
-        dataset = RandomWindows(self._bin("train"), self.block_size, self.batch_size,
-                                key=(self.seed, 0, self._rank()), start=start)
-        # a generator of its own: starting an iterator must not draw from torch's global one (dropout's)
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, generator=torch.Generator())
-
-    def val_dataloader(self) -> list[DataLoader]:
-        """One loader per split (train, val), `eval_iters` batches per evaluation, chosen by its step.
-
-        No worker processes: a worker would keep the step its copy of the dataset saw when it started.
-        """
-        return [
-            DataLoader(EvalWindows(self._bin(split), self.block_size, self.batch_size,
-                                   key=(self.seed, 1 + i, self._rank()), num_batches=self.eval_iters,
-                                   step=self._step),
-                       batch_size=None, num_workers=0, generator=torch.Generator())
-            for i, split in enumerate(SPLITS)
-        ]
