@@ -200,6 +200,20 @@ class TimeBudget(IterationCallback):
         self._used = state_dict["seconds_used"]
 
 
+class FinalEvaluation(IterationCallback):
+    """Evaluate (and so save: best.ckpt, last.ckpt) at the last iteration, whatever `eval_interval` is.
+
+    A run of `trainer.max_steps` not a multiple of the evaluation interval would otherwise end on an iteration
+    Lightning never evaluated: no final val loss, no best checkpoint. Asking Lightning to stop at the last
+    iteration (as TimeBudget does at the end of its budget) makes it evaluate once more there; an iteration it
+    evaluates anyway is evaluated once.
+    """
+
+    def on_iteration_end(self, trainer, pl_module):
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
 def time_budget(trainer: L.Trainer) -> TimeBudget | None:
     return next((c for c in trainer.callbacks if isinstance(c, TimeBudget)), None)
 
