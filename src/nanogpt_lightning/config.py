@@ -150,6 +150,7 @@ EVAL_RULES: dict[str, Rule] = {
 EXPORT_RULES: dict[str, Rule] = {
     "ckpt": text("latest"),
     "out": text("DIR"),
+    "overwrite": BOOLEAN,
 }
 
 
@@ -224,8 +225,11 @@ def validate_sample_config(cfg: DictConfig) -> None:
 
 
 def validate_export_config(cfg: DictConfig) -> None:
-    """Refuse the first bad setting of an export config (conf/export.yaml)."""
-    check_settings(cfg, EXPORT_RULES)
+    """Refuse the first bad setting of an export config (conf/export.yaml), or an empty out (the current
+    directory is never an export's)."""
+    values = check_settings(cfg, EXPORT_RULES)
+    if values.get("out") is not None and not values["out"].strip():
+        raise UserError("out is empty; pass out=DIR, a new directory to write the export into")
 
 
 def validate_eval_config(cfg: DictConfig) -> None:
@@ -233,3 +237,18 @@ def validate_eval_config(cfg: DictConfig) -> None:
     values = check_settings(cfg, EVAL_RULES)
     if values.get("split") is not None and values.get("text") is not None:
         raise UserError(f"split={values['split']} and text={values['text']} both name what to evaluate; pass one")
+
+
+def checked_settings(cfg: DictConfig, validate: Callable[[DictConfig], None]) -> dict[str, Any]:
+    """The settings a script passes on: `cfg` resolved once (interpolations such as `${num_samples}` or
+    `${oc.env:HOME}` become their values), checked by `validate`, and returned as the plain dict that was
+    checked, so what runs is what the check saw. Hydra's own keys (`hydra`, `defaults`) are not settings."""
+    try:
+        values = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        validate(cfg)  # names the setting whose interpolation fails
+        raise UserError(f"a setting cannot be resolved ({str(err).splitlines()[0]}); "
+                        "fix the interpolation or pass a value") from None
+    resolved = OmegaConf.create(values)
+    validate(resolved)
+    return {key: value for key, value in values.items() if key not in ("hydra", "defaults")}

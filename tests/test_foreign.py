@@ -1,0 +1,63 @@
+"""Files from elsewhere (issue 22): what the scripts write over, and what they read that this project did not
+write, or that a newer version wrote; each problem is one line naming the file or setting, exit status 1."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import run_script
+from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.tools.export import export
+from test_train import train_in_process
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny char-level and a tiny GPT-2 BPE run, trained in this process (their last.ckpt)."""
+    tmp = tmp_path_factory.mktemp("foreign")
+    for tokenizer in ("char", "gpt2"):
+        train_in_process(tmp / tokenizer, f"data.tokenizer={tokenizer}", f"data.data_dir={tmp / tokenizer}_data",
+                         "trainer.max_steps=2", "eval_interval=2")
+    return {name: tmp / name / "checkpoints" / "last.ckpt" for name in ("char", "gpt2")}
+
+
+def one_line_error(result, *expected: str) -> str:
+    """The script's refusal: exit status 1, one line on stderr, no traceback, holding each of `expected`."""
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+# --- 1. export never overwrites ---
+
+def test_export_with_an_empty_out_is_refused_and_writes_nothing(runs, tmp_path):
+    result = run_script("export.py", f"ckpt={runs['char']}", "out=", cwd=tmp_path, check=False)
+    one_line_error(result, "out is empty; pass out=DIR")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == []
+
+
+def test_export_refuses_a_non_empty_out_unless_overwrite_and_leaves_no_stale_files(runs, tmp_path, capsys):
+    out = tmp_path / "export"
+    export(str(runs["gpt2"]), str(out))
+    assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    with pytest.raises(UserError, match=f"out={out} already holds files; pass overwrite=true"):
+        export(str(runs["char"]), str(out))
+    assert (out / "vocab.json").is_file()  # untouched
+    capsys.readouterr()
+    export(str(runs["char"]), str(out), overwrite=True)
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["config.json", "model.safetensors", "nanogpt_tokenizer.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary sibling left
+    assert f"to {out}: {', '.join(written)}" in capsys.readouterr().out  # the line lists every file written
+    config = json.loads((out / "config.json").read_text())
+    assert "bos_token_id" not in config and "eos_token_id" not in config  # GPT-2's 50256 is not a character
+
+
+def test_export_into_an_empty_existing_directory_is_no_overwrite(runs, tmp_path):
+    (tmp_path / "empty").mkdir()
+    export(str(runs["char"]), str(tmp_path / "empty"))
+    assert (tmp_path / "empty" / "model.safetensors").is_file()
