@@ -4,6 +4,7 @@ Every job of a sweep runs; each failure is reported when it happens and again in
 and the sweep exits non-zero. Ctrl+C stops the job in hand (saved, as for a single run) and the sweep.
 """
 
+import math
 import re
 import signal
 import subprocess
@@ -140,3 +141,44 @@ def test_ctrl_c_before_training_began_is_one_line(tmp_path):
     assert process.returncode == 130
     assert err.strip() == "stopped by Ctrl+C before training began; nothing saved"
     assert not (tmp_path / "run").exists()
+
+
+NAN_LOSS = """
+import lightning as L
+import torch
+
+class NaNLoss(L.Callback):
+    def __init__(self, poison: bool):
+        self.poison = poison
+
+    def on_train_end(self, trainer, pl_module):
+        if self.poison:  # as a diverged run ends
+            trainer.callback_metrics["val/loss"] = torch.tensor(float("nan"))
+"""
+
+
+def test_optuna_marks_a_trial_ending_in_nan_failed_and_finishes_the_search(tmp_path, monkeypatch):
+    """Optuna is never told NaN (it would refuse it and end the search): the trial is a failed one."""
+    (tmp_path / "nanloss.py").write_text(NAN_LOSS)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    sweep = tmp_path / "search"
+    result = run_script("train.py", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "seed=3", *TINY,
+                        "model.n_head=2", "+callbacks.nan._target_=nanloss.NaNLoss",
+                        "+callbacks.nan.poison=choice(true,false)",
+                        f"data.data_dir={tmp_path / 'data'}", "trainer.max_steps=3", "eval_interval=2",
+                        "scheduler.warmup_iters=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)
+    assert result.returncode == 1, result.stderr
+    poisoned = {}
+    for trial in sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()):
+        overrides = dict(o.split("=", 1) for o in yaml.safe_load((trial / ".hydra" / "overrides.yaml").read_text()))
+        poisoned[int(trial.name)] = overrides["+callbacks.nan.poison"].lower() == "true"
+    assert sorted(poisoned) == [0, 1, 2] and set(poisoned.values()) == {True, False}  # all three trials ran
+    failed = [n for n, p in poisoned.items() if p]
+    for n in failed:
+        assert re.search(rf"^error: job {n} \(.*\): its final val loss is nan, nothing to compare$", result.stderr,
+                         re.M)
+    summary = f"error: {len(failed)} of 3 jobs of the sweep {sweep} failed:"
+    assert result.stderr.splitlines()[-len(failed) - 1] == summary
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["best_params"]["+callbacks.nan.poison"] is False and math.isfinite(results["best_value"])
+    assert "Traceback" not in result.stderr

@@ -4,7 +4,8 @@ A job runs wherever the launcher puts it (this process, a joblib worker, a SLURM
 what became of it into the sweep directory (`.jobs/<job number>.json`); `SweepReport.on_multirun_end`, in
 the main process after the sweeper (and after Optuna wrote its results), reads them back, prints the summary
 and picks the exit status. A failed job returns None, which the Optuna sweeper records as a failed trial, and
-the sweep goes on (not NaN: optuna 2.10 refuses to be told NaN, and the sweeper then dies telling it again).
+the sweep goes on (not NaN: optuna 2.10 refuses to be told NaN, and the sweeper then dies telling it again);
+so does a job whose value (the final val loss) is NaN or infinite.
 A job stopped by Ctrl+C or SIGTERM (saved by callbacks.GracefulInterrupt) also writes `.jobs/stop`: the jobs
 after it find it and do not start.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import shutil
 import signal
@@ -79,6 +81,11 @@ def report_sweep_job(main):
             error = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
             if not isinstance(err, UserError):  # a bug: keep the traceback for the report
                 say(traceback.format_exc().rstrip(), file=sys.stderr)
+            say(f"error: {describe(hydra.job.num, overrides)}: {error}", file=sys.stderr)
+            _write(path, {**record, "status": "failed", "error": error})
+            return None
+        if value is not None and not math.isfinite(value):  # Optuna must not be told it: a failed trial instead
+            error = f"its final val loss is {value}, nothing to compare"
             say(f"error: {describe(hydra.job.num, overrides)}: {error}", file=sys.stderr)
             _write(path, {**record, "status": "failed", "error": error})
             return None
