@@ -145,9 +145,9 @@ def test_trainer_precision_auto_becomes_the_devices_pick_and_the_run_records_tha
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda has_units=has_units: has_units)
         cfg = compose_train_config(["trainer.precision=auto", "trainer.accelerator=cpu"])
-        training.resolve_precision(cfg)
+        training.resolve_precision(cfg, torch.device("cpu"))
         assert cfg.trainer.precision == expected
         assert training.run_settings(cfg)["trainer.precision"] == expected
     cfg = compose_train_config(["trainer.precision=16-mixed", "trainer.accelerator=cpu"])
     with pytest.raises(UserError, match=r"^trainer.precision=16-mixed \(float16 with loss scaling\) needs cuda"):
-        training.resolve_precision(cfg)
+        training.resolve_precision(cfg, torch.device("cpu"))

@@ -42,11 +42,10 @@ RESUMABLE_CHANGES = ("trainer.max_steps", "budget_s", "model.compile")  # train 
 _ABSENT = object()
 
 
-def resolve_precision(cfg: DictConfig) -> None:
-    """Set trainer.precision=auto to what it means on the run's device (bfloat16 mixed where the device
+def resolve_precision(cfg: DictConfig, device: torch.device) -> None:
+    """Set trainer.precision=auto to what it means on the run's `device` (bfloat16 mixed where the device
     computes it fast, devices.auto_precision); refuse a precision the device lacks. The run's settings
     (HPARAMS, resume checks) then record the precision that trained. Apply matmul_precision (TF32)."""
-    device = pick_device(cfg.trainer.accelerator, key="trainer.accelerator")
     if str(cfg.trainer.precision) == "auto":
         cfg.trainer.precision = auto_precision(device)
     check_precision(str(cfg.trainer.precision), device, "trainer.precision")
@@ -101,7 +100,7 @@ def resume_path(spec: str | None, module, max_steps: int, budget_s: float | None
     return path
 
 
-def build_module(cfg: DictConfig, datamodule) -> GPTModule:
+def build_module(cfg: DictConfig, datamodule, device: torch.device) -> GPTModule:
     """The GPT sized by the data: block size and vocabulary come from the data module, never the config.
 
     With `model.init_from` the shape and the weights are GPT-2's (checkpoints.init_from); the shape keys of
@@ -110,7 +109,7 @@ def build_module(cfg: DictConfig, datamodule) -> GPTModule:
     spec = model_settings.pop("init_from", None)
     compile_model = model_settings.pop("compile", False)
     if compile_model:
-        check_compile(pick_device(cfg.trainer.accelerator, key="trainer.accelerator"))
+        check_compile(device)
     pretrained = None
     try:
         if spec is None:
@@ -229,9 +228,6 @@ def build_trainer(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ())
         cause = err.__cause__
         if not isinstance(cause, MisconfigurationException):
             raise
-        accelerator = cfg.trainer.get("accelerator")
-        if accelerator in ("cuda", "mps", "gpu"):
-            pick_device(accelerator, key="trainer.accelerator")  # the one line that says what is here
         raise UserError(f"trainer settings: {(str(cause).splitlines() or [''])[0]}") from None
 
 
@@ -287,12 +283,13 @@ def train(cfg: DictConfig) -> float:
     if HydraConfig.get().mode == RunMode.MULTIRUN and is_first_process():
         check_fresh_run_dir(Path(HydraConfig.get().runtime.output_dir).absolute(), cfg.ckpt_path, "hydra.sweep.dir")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    resolve_precision(cfg)
+    device = pick_device(cfg.trainer.accelerator, key="trainer.accelerator")  # once for the run, passed down
+    resolve_precision(cfg, device)
     for group in ("data", "model", "module", "optimizer", "scheduler", "trainer", "callbacks", "logger"):
         check_settings_taken(cfg, group, taken_here=("init_from", "compile") if group == "model" else ())
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
-    module = build_module(cfg, datamodule)
+    module = build_module(cfg, datamodule, device)
     ckpt_path = resume_path(cfg.ckpt_path, module, cfg.trainer.max_steps, cfg.budget_s, cfg.allow_other_data,
                             RESUMABLE_CHANGES)
     trainer = build_trainer(cfg)

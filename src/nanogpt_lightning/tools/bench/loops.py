@@ -13,6 +13,7 @@ from nanogpt_lightning.devices import autocast_for
 from nanogpt_lightning.model.fused_loss import matmul
 from nanogpt_lightning.tools.bench.measure import MATMULS_PER_TURN, matmul_size
 from nanogpt_lightning.tools.bench.turns import Clock
+from nanogpt_lightning.train.callbacks import IterationCallback
 from nanogpt_lightning.train.run import build_datamodule, build_module, build_trainer
 
 
@@ -23,7 +24,7 @@ def plain_pytorch_loop(cfg: DictConfig, device: torch.device, iterations: int, c
     on torch.compile(model), as nanoGPT's `compile=True`."""
     datamodule = build_datamodule(cfg)
     L.seed_everything(cfg.seed, verbose=False)
-    model = build_module(cfg, datamodule).model.to(device)
+    model = build_module(cfg, datamodule, device).model.to(device)
     block_size, batch_size = datamodule.block_size, datamodule.batch_size
     accumulation = cfg.trainer.accumulate_grad_batches
     # nanoGPT uses the fused AdamW on cuda only
@@ -67,30 +68,28 @@ def plain_pytorch_loop(cfg: DictConfig, device: torch.device, iterations: int, c
         clock.tick()
 
 
-class ClockCallback(L.Callback):
+class ClockCallback(IterationCallback):
     """Ticks the clock at each optimizer step; an iteration that ran an evaluation is left out."""
 
     def __init__(self, clock: Clock):
         self.clock = clock
 
     def on_train_start(self, trainer, pl_module):
-        self._step = trainer.global_step
+        super().on_train_start(trainer, pl_module)
         self.clock.begin_iterations()
 
     def on_validation_start(self, trainer, pl_module):
         self.clock.discard_current()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step != self._step:
-            self._step = trainer.global_step
-            self.clock.tick()
+    def on_iteration_end(self, trainer, pl_module):
+        self.clock.tick()
 
 
-def lightning_loop(cfg: DictConfig, clock: Clock) -> None:
+def lightning_loop(cfg: DictConfig, device: torch.device, clock: Clock) -> None:
     """The Trainer train.py builds from the config (its callbacks and logger), plus the bench's clock."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
-    module = build_module(cfg, datamodule)
+    module = build_module(cfg, datamodule, device)
     trainer = build_trainer(cfg, extra_callbacks=(ClockCallback(clock),))
     clock.start()
     trainer.fit(module, datamodule=datamodule)

@@ -24,7 +24,7 @@ def report(cfg: DictConfig, device: torch.device, precisions: list[str], compile
     participants' logs were kept, if they were."""
     datamodule = build_datamodule(cfg)
     tokens = datamodule.batch_size * datamodule.block_size * cfg.trainer.accumulate_grad_batches
-    model = build_module(variant_config(cfg, True, 1, device.type), datamodule).model
+    model = build_module(variant_config(cfg, True, 1, device.type), datamodule, device).model
     flops = model.flops_per_token() * tokens
     matmul_times, _ = measured["matmul"]
     # bursts in turn: fp32 torch.mm, fp32 through the fused loss's matmul, then each low precision

@@ -92,7 +92,7 @@ def participant_process(name: str, variant: str, precision: str, index: int, ove
             if variant.startswith("plain"):
                 plain_pytorch_loop(config, device, iterations, clock, compiled)
             else:
-                lightning_loop(config, clock)
+                lightning_loop(config, device, clock)
         results.put((name, clock.times, clock.peak_memory, None))
     except BaseException as err:  # noqa: BLE001 - every failure, Ctrl+C included, is sent back as a result
         turns.abort()  # no one waits for a participant that will never come
