@@ -57,6 +57,28 @@ def test_a_resume_must_repeat_the_settings_that_shape_the_result(tmp_path):
         check_same_settings(checkpoint, {"trainer.max_steps": 100, "seed": 1}, tmp_path, ())  # one it had is gone
 
 
+ADAMW, MUON = "nanogpt_lightning.train.optimizers.adamw", "nanogpt_lightning.train.optimizers.muon"
+
+
+@pytest.mark.parametrize("saved_settings, settings, refused", [
+    # a switched group: its target first, then every key the new group brings or lacks
+    ({"optimizer._target_": ADAMW, "optimizer.lr": 1e-3}, {"optimizer._target_": MUON, "optimizer.lr": 1e-3,
+                                                            "optimizer.momentum": 0.95},
+     rf"optimizer._target_={MUON} \(checkpoint: {ADAMW}\), optimizer.momentum=0.95 \(checkpoint: None\);"),
+    # the same group: a key only this run has is a setting newer than the checkpoint
+    ({"optimizer._target_": ADAMW, "optimizer.lr": 1e-3}, {"optimizer._target_": ADAMW, "optimizer.lr": 1e-3,
+                                                            "optimizer.new_knob": 1}, None),
+    # a checkpoint from before `_target_` was recorded resumes
+    ({"optimizer.lr": 1e-3}, {"optimizer._target_": MUON, "optimizer.lr": 1e-3}, None),
+])
+def test_a_switched_group_is_a_difference_a_newer_setting_is_not(tmp_path, saved_settings, settings, refused):
+    if refused is None:
+        check_same_settings(saved(settings=saved_settings), settings, tmp_path, ())
+        return
+    with pytest.raises(UserError, match=refused):
+        check_same_settings(saved(settings=saved_settings), settings, tmp_path, ())
+
+
 def test_a_resume_must_train_on_the_checkpoints_data(tmp_path):
     data = {"source": "/x/input.txt", "source_sha256": "a" * 64, "source_bytes": 10, "tokenizer": "char",
             "val_fraction": 0.1, "tokens": {"train": 9, "val": 1}}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_script
+from helpers import TINY_RUN, run_script
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.tools.export import export
 from test_train import train_in_process
@@ -61,3 +61,14 @@ def test_export_into_an_empty_existing_directory_is_no_overwrite(runs, tmp_path)
     (tmp_path / "empty").mkdir()
     export(str(runs["char"]), str(tmp_path / "empty"))
     assert (tmp_path / "empty" / "model.safetensors").is_file()
+
+
+# --- 2. a switched optimizer on resume ---
+
+def test_resuming_an_adamw_run_with_muon_is_one_line(runs, tmp_path):
+    run = runs["char"].parent.parent
+    result = run_script("train.py", *TINY_RUN, "data.tokenizer=char", f"data.data_dir={run}_data",
+                        f"hydra.run.dir={tmp_path / 'resumed'}", f"ckpt_path={runs['char']}", "optimizer=muon",
+                        "trainer.max_steps=4", cwd=tmp_path, check=False)
+    one_line_error(result, "other settings: optimizer._target_=nanogpt_lightning.train.optimizers.muon "
+                           "(checkpoint: nanogpt_lightning.train.optimizers.adamw)", "optimizer.momentum=0.95")

@@ -275,12 +275,18 @@ def check_same_settings(checkpoint: dict, settings: dict, path: Path, may_change
     """Refuse to resume with a setting that shapes the result changed: it would not apply (Lightning restores
     the optimizer and schedule state) and the run's records would say it did.
 
-    A setting the checkpoint does not know was added to the project after it was written, and has a default
-    that keeps the old behaviour: not compared (the model's shape is, by check_resumable)."""
+    Keys are compared on both sides. A key only this run has is a setting added to the project after the
+    checkpoint was written, whose default keeps the old behaviour: not a difference (the model's shape is
+    checked by check_resumable), unless its group was switched (`optimizer._target_` differs, e.g. AdamW ->
+    Muon): then every key the new group brings is one. A checkpoint that predates the record of the groups'
+    `_target_` (no `optimizer._target_`) resumes: its target is not compared."""
     saved = checkpoint[CHECKPOINT_KEY].get("settings")
     if not saved:
         return
-    differ = [key for key in sorted(saved)
+    switched = {key.removesuffix("._target_") for key in saved
+                if key.endswith("._target_") and key in settings and saved[key] != settings[key]}
+    keys = set(saved) | {key for key in settings if key.rpartition(".")[0] in switched}
+    differ = [key for key in sorted(keys, key=lambda k: (not k.endswith("._target_"), k))
               if key not in may_change and saved.get(key) != settings.get(key)]
     if differ:
         changes = ", ".join(f"{key}={settings.get(key)} (checkpoint: {saved.get(key)})" for key in differ)

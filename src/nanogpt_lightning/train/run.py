@@ -63,13 +63,14 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
 
 def run_settings(cfg: DictConfig) -> dict:
     """The settings that shape a run's result, flat (`optimizer.lr`): its TensorBoard HPARAMS row, and what a
-    resumed run must repeat (RESUMABLE_CHANGES aside). Groups give all their keys but `_target_`/`_partial_`."""
+    resumed run must repeat (RESUMABLE_CHANGES aside). Groups give all their keys but `_partial_` and the like;
+    `_target_` is kept (`optimizer._target_`), so a resume that switches the optimizer is refused by the check."""
     settings = {}
     for key in RESULT_SETTINGS:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if isinstance(value, DictConfig):
             settings |= {f"{key}.{k}": v for k, v in OmegaConf.to_container(value, resolve=True).items()
-                         if not k.startswith("_")}
+                         if k == "_target_" or not k.startswith("_")}
         elif value is not _ABSENT:
             settings[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
     return settings
