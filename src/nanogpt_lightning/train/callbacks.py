@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -228,6 +229,10 @@ class RunSummary(L.Callback):
     """
 
     def on_train_start(self, trainer, pl_module):
+        if trainer.ckpt_path is not None:  # restored by now: the iteration it goes on from
+            checkpoint = Path(trainer.ckpt_path)
+            run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+            print_line(trainer, f"resumed from iteration {trainer.global_step} of {run}")
         data = trainer.datamodule
         tokens = data.batch_size * data.block_size * trainer.accumulate_grad_batches * trainer.world_size
         print_line(trainer, f"data: {describe_data(data.identity)} in {data.prepared_dir}")
@@ -254,6 +259,35 @@ class RunSummary(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(final, step=trainer.global_step)
             logger.save()
+
+
+def checkpoints_saved(trainer: L.Trainer) -> list[Path]:
+    """The checkpoint files in the folders the run's checkpoint callbacks save into, best.ckpt first."""
+    folders = {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+    folders |= {c.path.parent for c in trainer.checkpoint_callbacks if isinstance(c, LastCheckpoint)}
+    found = sorted(p for folder in folders for p in folder.glob("*.ckpt"))
+    return sorted(found, key=lambda p: p.name != "best.ckpt")
+
+
+def finished_run_help(trainer: L.Trainer) -> list[str]:
+    """What a finished run says last: its final evaluation, where its checkpoints are, and the commands that
+    sample from its best checkpoint, evaluate it and show its curves."""
+    metrics = trainer.callback_metrics
+    val_loss, val_bpb = (metrics.get(tag) for tag in (EVAL_LOSS_TAGS["val"], EVAL_BPB_TAGS["val"]))
+    evaluated = (f"val loss {float(val_loss):.4f}, val bpb {float(val_bpb):.4f}"
+                 if val_loss is not None and val_bpb is not None else "not evaluated")
+    lines = [f"\nfinished at iteration {trainer.global_step}: {evaluated}"]
+    saved = checkpoints_saved(trainer)
+    if saved:
+        folders = sorted({str(p.parent) for p in saved})
+        lines.append(f"checkpoints: {', '.join(p.name for p in saved)} in {', '.join(folders)}")
+        ckpt = shlex.quote(str(saved[0]))
+        lines += [f"sample: python scripts/sample.py ckpt={ckpt}", f"evaluate: python scripts/eval.py ckpt={ckpt}"]
+    else:
+        lines.append("warning: this run saved no checkpoint")
+    logdirs = [logger.log_dir for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+    lines += [f"curves: tensorboard --logdir {shlex.quote(str(Path(logdir)))}" for logdir in logdirs[:1]]
+    return lines
 
 
 class LossPlot(L.Callback):

@@ -6,6 +6,7 @@ import inspect
 import logging
 import math
 import shlex
+import sys
 import warnings
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from nanogpt_lightning.errors import TrainingInterrupted, UserError
 from nanogpt_lightning.metrics import EVAL_LOSS_TAGS
 from nanogpt_lightning.model.gpt2 import load_weights
 from nanogpt_lightning.train import checkpoints
-from nanogpt_lightning.train.callbacks import TimeBudget
+from nanogpt_lightning.train.callbacks import TimeBudget, finished_run_help
 from nanogpt_lightning.train.checkpoints import init_from
 from nanogpt_lightning.train.module import GPTModule
 from nanogpt_lightning.train.rundir import check_fresh_run_dir, is_first_process
@@ -274,6 +275,8 @@ def quiet_lightning(verbose: bool) -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # a run resumed in place writes into its own checkpoints/; another run's are refused (rundir.py)
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # resuming into another run directory: the run says "resumed from iteration N of RUN" instead
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
 
 
 def train(cfg: DictConfig) -> float:
@@ -295,11 +298,17 @@ def train(cfg: DictConfig) -> float:
                             RESUMABLE_CHANGES)
     trainer = build_trainer(cfg)
     check_no_script_relaunch_in_sweep(trainer)
+    if not trainer.checkpoint_callbacks and trainer.is_global_zero:
+        say("warning: this run saves no checkpoint (callbacks.model_checkpoint and callbacks.last_checkpoint "
+            "are null, trainer.enable_checkpointing=false)", file=sys.stderr)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except TrainingInterrupted as stop:
         if trainer.is_global_zero:
             print_resume_help(stop)
         raise  # the entry point decides the exit (a single run, or a sweep that must not go on)
+    if trainer.is_global_zero:
+        for line in finished_run_help(trainer):
+            say(line)
     val_loss = trainer.callback_metrics.get(EVAL_LOSS_TAGS["val"])
     return float(val_loss) if val_loss is not None else math.nan
