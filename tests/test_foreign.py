@@ -5,10 +5,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import TINY_RUN, run_script
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.tools.export import export
+from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY, FORMAT_VERSION, load_checkpoint
 from test_train import train_in_process
 
 
@@ -72,3 +74,54 @@ def test_resuming_an_adamw_run_with_muon_is_one_line(runs, tmp_path):
                         "trainer.max_steps=4", cwd=tmp_path, check=False)
     one_line_error(result, "other settings: optimizer._target_=nanogpt_lightning.train.optimizers.muon "
                            "(checkpoint: nanogpt_lightning.train.optimizers.adamw)", "optimizer.momentum=0.95")
+
+
+# --- 3. checkpoints with a format version ---
+
+def _newer_format(c):
+    c[CHECKPOINT_KEY]["format_version"] = FORMAT_VERSION + 1
+
+
+def _newer_setting(c):
+    c[CHECKPOINT_KEY]["model_config"]["swiglu"] = True
+
+
+def _no_weight(c):
+    del c["state_dict"]["model.transformer.ln_f.weight"]
+
+
+def _extra_weight(c):
+    c["state_dict"]["model.transformer.extra.weight"] = torch.zeros(2)
+
+
+def _bad_value(c):
+    c[CHECKPOINT_KEY]["model_config"]["n_head"] = "two"
+
+
+@pytest.mark.parametrize("edit, refused", [
+    (_newer_format, rf"written by a newer version of nanogpt-lightning \(format {FORMAT_VERSION + 1}, this one "
+                    rf"reads up to {FORMAT_VERSION}\): upgrade nanogpt-lightning"),
+    (lambda c: c.pop("state_dict"), "lacks its state_dict"),
+    (lambda c: [c[CHECKPOINT_KEY].pop(k) for k in ("model_config", "tokenizer")], "lacks its model_config, tokenizer"),
+    (_newer_setting, r"model settings this version does not know \(swiglu\): .*upgrade nanogpt-lightning"),
+    (_bad_value, r"model config this version cannot build \(ValueError: model.n_head must be a positive integer"),
+    (_no_weight, r"weights do not fit its model config \(transformer.ln_f.weight missing\)"),
+    (_extra_weight, r"weights do not fit its model config \(transformer.extra.weight unexpected\)"),
+])
+def test_an_edited_checkpoint_is_refused_in_one_line(runs, tmp_path, edit, refused):
+    checkpoint = torch.load(runs["char"], map_location="cpu", weights_only=True)
+    assert checkpoint[CHECKPOINT_KEY]["format_version"] == FORMAT_VERSION
+    edit(checkpoint)
+    torch.save(checkpoint, tmp_path / "edited.ckpt")
+    with pytest.raises(UserError, match=refused) as err:
+        load_checkpoint(tmp_path / "edited.ckpt", torch.device("cpu"))
+    assert "\n" not in str(err.value)
+
+
+def test_an_edited_checkpoint_is_refused_by_the_script_with_status_1(runs, tmp_path):
+    checkpoint = torch.load(runs["char"], map_location="cpu", weights_only=True)
+    _newer_format(checkpoint)
+    torch.save(checkpoint, tmp_path / "edited.ckpt")
+    result = run_script("sample.py", f"ckpt={tmp_path / 'edited.ckpt'}", "max_new_tokens=2", cwd=tmp_path,
+                        check=False)
+    one_line_error(result, "upgrade nanogpt-lightning")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -27,6 +27,9 @@ from nanogpt_lightning.model.gpt import GPT
 from nanogpt_lightning.model.gpt2 import GPT2_EOS, check_gpt2_options, gpt_config, load_weights
 
 CHECKPOINT_KEY = "nanogpt_lightning"  # marks this project's checkpoints; holds what sampling needs
+# the layout of what CHECKPOINT_KEY holds, recorded as its `format_version` (checkpoints from before the record:
+# 0); a newer version that changes the layout raises it, and this one refuses what it cannot read
+FORMAT_VERSION = 1
 # the model settings that give the weights their shapes; a resumed run must repeat them
 SHAPE_SETTINGS = ("n_layer", "n_head", "n_embd", "bias", "vocab_multiple")
 
@@ -65,20 +68,56 @@ def read_checkpoint(path: Path, key: str = "ckpt") -> dict:
     except Exception as err:  # noqa: BLE001 - torch.load raises many kinds (RuntimeError, UnpicklingError, ...)
         raise UserError(f"cannot read checkpoint {path}, it is truncated or not a checkpoint ({first_line(err)}); "
                         f"pass {key}=FILE.ckpt written by scripts/train.py") from None
-    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(CHECKPOINT_KEY), dict):
         raise UserError(f"{path} is not a nanogpt_lightning checkpoint; "
                         f"pass {key}=FILE.ckpt written by scripts/train.py")
+    meta = checkpoint[CHECKPOINT_KEY]
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} was written by a newer version of nanogpt-lightning (format {version}, "
+                        f"this one reads up to {FORMAT_VERSION}): upgrade nanogpt-lightning")
+    missing = [name for name, holder in (("state_dict", checkpoint), ("model_config", meta), ("tokenizer", meta))
+               if not isinstance(holder.get(name), dict)]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks its {', '.join(missing)} (damaged, or not written by "
+                        f"scripts/train.py); pass {key}=FILE.ckpt written by scripts/train.py")
     return checkpoint
+
+
+def checkpoint_model(checkpoint: dict, path: Path) -> GPT:
+    """The GPT the checkpoint at `path` describes, its weights loaded; an unknown model setting (as a newer
+    version writes), a refused value, or a weight added, missing or of another shape is one line."""
+    saved = checkpoint[CHECKPOINT_KEY]["model_config"]
+    known = {f.name for f in fields(GPTConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise UserError(f"checkpoint {path} has model settings this version does not know ({', '.join(unknown)}): "
+                        "it was written by a newer version; upgrade nanogpt-lightning")
+    try:
+        model = GPT(GPTConfig(**saved))
+    except (TypeError, ValueError) as err:
+        raise UserError(f"checkpoint {path} has a model config this version cannot build ({first_line(err)}); "
+                        "pass a checkpoint written by scripts/train.py") from None
+    prefix = "model."
+    weights = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    ours = model.state_dict()
+    problems = [f"{name} missing" for name in ours if name not in weights]
+    problems += [f"{name} unexpected" for name in weights if name not in ours]
+    problems += [f"{name} is {tuple(weights[name].shape)}, the model's {tuple(tensor.shape)}"
+                 for name, tensor in ours.items() if name in weights and weights[name].shape != tensor.shape]
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise UserError(f"checkpoint {path}: its weights do not fit its model config "
+                        f"({'; '.join(problems[:3])}{more}); pass a checkpoint written by scripts/train.py")
+    model.load_state_dict(weights)
+    return model
 
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[GPT, Tokenizer, dict]:
     """The model of the checkpoint at `path` (eval mode, on `device`), its tokenizer, and the raw checkpoint."""
     checkpoint = read_checkpoint(path, key="ckpt")
-    meta = checkpoint[CHECKPOINT_KEY]
-    model = GPT(GPTConfig(**meta["model_config"]))
-    prefix = "model."
-    model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
-    return model.to(device).eval(), tokenizer_from_meta(meta["tokenizer"]), checkpoint
+    model = checkpoint_model(checkpoint, path)
+    return model.to(device).eval(), tokenizer_from_meta(checkpoint[CHECKPOINT_KEY]["tokenizer"]), checkpoint
 
 
 def load_model(spec: str, device: torch.device) -> tuple[GPT, Tokenizer, dict, Path]:

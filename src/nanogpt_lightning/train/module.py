@@ -19,7 +19,7 @@ from nanogpt_lightning.metrics import EVAL_BPB_TAGS, EVAL_LOSS_TAGS, SPLITS
 from nanogpt_lightning.model.config import GPTConfig
 from nanogpt_lightning.model.gpt import GPT
 from nanogpt_lightning.train.callbacks import last_checkpoint
-from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY
+from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY, FORMAT_VERSION
 
 
 class GPTModule(L.LightningModule):
@@ -161,8 +161,8 @@ class GPTModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         self._stop_if_a_loss_was_nonfinite()  # before anything is written
-        checkpoint[CHECKPOINT_KEY] = {"model_config": asdict(self.model_config), "tokenizer": self.tokenizer,
-                                      "data": self.data, "settings": self.run_settings}
+        checkpoint[CHECKPOINT_KEY] = {"format_version": FORMAT_VERSION, "model_config": asdict(self.model_config),
+                                      "tokenizer": self.tokenizer, "data": self.data, "settings": self.run_settings}
         # dropout draws from torch's generator: restoring it makes a resumed run repeat an unbroken one
         checkpoint["torch_rng_state"] = torch.get_rng_state()
 
