@@ -6,7 +6,7 @@ EXPERIMENT ?= macbook_char
 # the PyTorch release the project is tested with; `make TORCH=torch train` takes the newest instead
 TORCH ?= torch==2.13.0
 
-.PHONY: train test install clean
+.PHONY: train sample tensorboard test install clean
 
 $(VENV)/installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,14 @@ install: $(VENV)/installed
 
 train: $(VENV)/installed
 	$(PY) scripts/train.py experiment=$(EXPERIMENT) $(ARGS)
+
+# after `make train`: sample from the newest run's last.ckpt (CKPT=PATH for another), watch the curves of all runs
+CKPT ?= latest
+sample: $(VENV)/installed
+	$(PY) scripts/sample.py ckpt=$(CKPT) $(ARGS)
+
+tensorboard: $(VENV)/installed
+	$(PY) -m tensorboard.main --logdir outputs $(ARGS)
 
 test: $(VENV)/installed
 	$(PY) -m ruff check .

@@ -300,7 +300,7 @@ def train(cfg: DictConfig) -> float:
     check_no_script_relaunch_in_sweep(trainer)
     if not trainer.checkpoint_callbacks and trainer.is_global_zero:
         say("warning: this run saves no checkpoint (callbacks.model_checkpoint and callbacks.last_checkpoint "
-            "are null, trainer.enable_checkpointing=false)", file=sys.stderr)
+            "are null, trainer.enable_checkpointing is false)", file=sys.stderr)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except TrainingInterrupted as stop:
