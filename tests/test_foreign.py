@@ -2,6 +2,7 @@
 write, or that a newer version wrote; each problem is one line naming the file or setting, exit status 1."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from helpers import TINY_RUN, run_script
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.tools.export import export
-from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY, FORMAT_VERSION, load_checkpoint
+from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY, FORMAT_VERSION, load_checkpoint, load_model
 from test_train import train_in_process
 
 
@@ -125,3 +126,46 @@ def test_an_edited_checkpoint_is_refused_by_the_script_with_status_1(runs, tmp_p
     result = run_script("sample.py", f"ckpt={tmp_path / 'edited.ckpt'}", "max_new_tokens=2", cwd=tmp_path,
                         check=False)
     one_line_error(result, "upgrade nanogpt-lightning")
+
+
+# --- 4. a foreign config.json, tokenizer file and weights (pretrained / exported DIR) ---
+
+@pytest.fixture(scope="module")
+def exported(runs, tmp_path_factory) -> Path:
+    return export(str(runs["char"]), str(tmp_path_factory.mktemp("exported") / "char"))
+
+
+def edited_copy(exported: Path, tmp_path: Path, name: str, content) -> Path:
+    """A copy of the export with `name` replaced by `content` (text, or a function of the parsed JSON)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(exported, copy)
+    if callable(content):
+        content = json.dumps(content(json.loads((copy / name).read_text())))
+    (copy / name).write_text(content)
+    return copy
+
+
+@pytest.mark.parametrize("name, content, refused", [
+    ("config.json", "[]", r"config.json is not a JSON object \(got list\)"),
+    ("config.json", "{}", "its config.json lacks vocab_size"),
+    ("config.json", "not json", r"cannot read .*config.json \(JSONDecodeError"),
+    ("config.json", lambda c: {**c, "n_embd": "32"}, "its config.json's n_embd must be a positive integer, got '32'"),
+    ("config.json", lambda c: {**c, "vocab_size": 1e12}, "vocab_size must be a positive integer, got 1000000000000.0"),
+    ("config.json", lambda c: {**c, "vocab_size": 10**12}, "parameters .*over the 2e\\+10 this loads"),
+    ("config.json", lambda c: {**c, "vocab_size": c["vocab_size"] + 1},
+     r"do not fit its config.json: wte.weight is \(\d+, 32\), config.json makes it \(\d+, 32\)"),
+    ("nanogpt_tokenizer.json", "not json", "cannot read .*nanogpt_tokenizer.json"),
+    ("nanogpt_tokenizer.json", "[1, 2]", "nanogpt_tokenizer.json is not a tokenizer description"),
+    ("nanogpt_tokenizer.json", lambda m: {**m, "chars": m["chars"][:-1]},
+     r"nanogpt_tokenizer.json has \d+ characters, the model's vocab_size is \d+"),
+])
+def test_a_damaged_export_is_refused_in_one_line(exported, tmp_path, name, content, refused):
+    copy = edited_copy(exported, tmp_path, name, content)
+    with pytest.raises(UserError, match=refused) as err:
+        load_model(str(copy), torch.device("cpu"))
+    assert "\n" not in str(err.value)
+
+
+def test_a_damaged_config_json_is_refused_by_the_script_with_status_1(exported, tmp_path):
+    copy = edited_copy(exported, tmp_path, "config.json", "[]")
+    one_line_error(run_script("sample.py", f"ckpt={copy}", cwd=tmp_path, check=False), "is not a JSON object")

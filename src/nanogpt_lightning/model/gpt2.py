@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from nanogpt_lightning.config import POSITIVE_INT, refusal
 from nanogpt_lightning.errors import UserError, first_line
 from nanogpt_lightning.model.config import GPTConfig
 from nanogpt_lightning.model.gpt import GPT
@@ -35,10 +36,36 @@ def shown(value) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+SHAPE_FIELDS = ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd")  # config.json's, each a positive int
+MAX_PARAMETERS = 20e9  # a config.json asking for more is damaged or not meant for this (gpt2-xl has 1.6e9)
+
+
+def parameter_count(hf: dict) -> int:
+    """About how many parameters GPT-2 weights of config.json `hf` have (its shape fields checked)."""
+    n_embd = hf["n_embd"]
+    return (hf["vocab_size"] + hf["n_positions"]) * n_embd + hf["n_layer"] * 12 * n_embd * n_embd
+
+
 def gpt_config(hf: dict, named: str, block_size: int | None = None, **settings) -> GPTConfig:
     """The GPTConfig of GPT-2 weights whose config.json is `hf` (`named` in messages, e.g. `ckpt=gpt2`): shapes
     from it, the position table cropped to `block_size` (default: all of it); `settings` are the model keys
     that may differ (dropout, fused_loss)."""
+    if not isinstance(hf, dict):
+        raise UserError(f"{named}: its config.json is not a JSON object (got {type(hf).__name__}); pass a directory "
+                        "written by save_pretrained or scripts/export.py")
+    for field in SHAPE_FIELDS:
+        if field not in hf:
+            raise UserError(f"{named}: its config.json lacks {field}; pass a directory written by save_pretrained "
+                            "or scripts/export.py")
+        message = refusal(field, POSITIVE_INT, hf[field])
+        if message:
+            raise UserError(f"{named}: its config.json's {message.split('; ')[0]}; fix config.json or pass "
+                            "another directory")
+    parameters = parameter_count(hf)
+    if parameters > MAX_PARAMETERS:
+        raise UserError(f"{named}: its config.json describes a model of {parameters:.3g} parameters (vocab_size "
+                        f"{hf['vocab_size']}, n_layer {hf['n_layer']}, n_embd {hf['n_embd']}), over the "
+                        f"{MAX_PARAMETERS:.0e} this loads; fix config.json or pass another directory")
     activation = hf.get("activation_function", "gelu_new")
     n_embd = hf.get("n_embd")
     eps = hf.get("layer_norm_epsilon", 1e-5)
@@ -81,6 +108,11 @@ def load_weights(model: GPT, tensors: dict[str, torch.Tensor], named: str) -> GP
         ours[PREFIX + name] = tensor
     if PREFIX + "wte.weight" in ours:
         ours["lm_head.weight"] = ours[PREFIX + "wte.weight"]
+    expected = model.state_dict()
+    for name, tensor in ours.items():
+        if name in expected and tensor.shape != expected[name].shape:
+            raise UserError(f"the weights of {named} do not fit its config.json: {name.removeprefix(PREFIX)} is "
+                            f"{tuple(tensor.shape)}, config.json makes it {tuple(expected[name].shape)}")
     try:
         with torch.no_grad():
             model.load_state_dict(ours)

@@ -222,6 +222,10 @@ def read_pretrained(spec: str, key: str) -> Pretrained:
     directory = locate(spec, key)
     try:
         hf_config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"cannot read {directory / CONFIG_FILE} ({first_line(err)}); pass a directory written by "
+                        "save_pretrained or scripts/export.py") from None
+    try:
         weights = next(directory / f for f in WEIGHT_FILES if (directory / f).is_file())
         if weights.suffix == ".safetensors":
             from safetensors.torch import load_file  # only where such weights are read
@@ -232,6 +236,10 @@ def read_pretrained(spec: str, key: str) -> Pretrained:
     except Exception as err:  # noqa: BLE001 - json, safetensors and torch.load each raise their own kinds
         raise UserError(f"cannot read the weights of {key}={spec} in {directory} ({first_line(err)}); "
                         "pass a directory written by save_pretrained or scripts/export.py") from None
+    if not isinstance(hf_config, dict):
+        raise UserError(f"{key}={spec}: {directory / CONFIG_FILE} is not a JSON object (got "
+                        f"{type(hf_config).__name__}); pass a directory written by save_pretrained or "
+                        "scripts/export.py")
     if hf_config.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{key}={spec} is a {hf_config['model_type']} model, not GPT-2; pass GPT-2 weights")
     return Pretrained(spec, directory, hf_config, tensors)
@@ -241,7 +249,21 @@ def pretrained_tokenizer(pretrained: Pretrained, vocab_size: int) -> dict:
     """The tokenizer description of pretrained weights: an export's own (a character vocabulary), else GPT-2's."""
     meta_file = pretrained.directory / TOKENIZER_META_FILE
     if meta_file.is_file():
-        return json.loads(meta_file.read_text(encoding="utf-8"))
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise UserError(f"cannot read {meta_file} ({first_line(err)}); export the checkpoint again") from None
+        chars = meta.get("chars") if isinstance(meta, dict) else None
+        if isinstance(meta, dict) and meta.get("kind") == "gpt2" and vocab_size == GPT2_EOS + 1:
+            return meta
+        if not isinstance(meta, dict) or meta.get("kind") != "char" or not isinstance(chars, str) or len(
+                set(chars)) != len(chars):
+            raise UserError(f"{meta_file} is not a tokenizer description (a character list or GPT-2's); "
+                            "export the checkpoint again")
+        if len(chars) != vocab_size:
+            raise UserError(f"{meta_file} has {len(chars)} characters, the model's vocab_size is {vocab_size}; "
+                            "export the checkpoint again")
+        return meta
     if vocab_size == GPT2_EOS + 1:
         return {"kind": "gpt2", "vocab_size": GPT2_EOS + 1}
     raise UserError(f"ckpt={pretrained.spec} has a vocabulary of {vocab_size} tokens, not GPT-2's, and no "
