@@ -2,6 +2,7 @@
 write, or that a newer version wrote; each problem is one line naming the file or setting, exit status 1."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -169,3 +170,17 @@ def test_a_damaged_export_is_refused_in_one_line(exported, tmp_path, name, conte
 def test_a_damaged_config_json_is_refused_by_the_script_with_status_1(exported, tmp_path):
     copy = edited_copy(exported, tmp_path, "config.json", "[]")
     one_line_error(run_script("sample.py", f"ckpt={copy}", cwd=tmp_path, check=False), "is not a JSON object")
+
+
+# --- 5. files that are not regular files ---
+
+@pytest.mark.parametrize("script, setting, refused", [
+    ("eval.py", "text={}", "the text file {} is not a regular file; pass text=FILE"),
+    ("sample.py", "prompt=FILE:{}", "the prompt file {} is not a regular file; pass prompt=FILE:path.txt"),
+])
+def test_a_fifo_is_refused_not_read(runs, tmp_path, script, setting, refused):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    result = run_script(script, f"ckpt={runs['char']}", setting.format(fifo), "device=cpu", cwd=tmp_path,
+                        check=False)  # before: blocked until the 300 s timeout
+    one_line_error(result, refused.format(fifo))

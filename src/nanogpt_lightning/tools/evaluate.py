@@ -87,6 +87,8 @@ def measure(model: GPT, tokenizer: Tokenizer, tokens: np.ndarray, batch_size: in
 def text_tokens(path: str, tokenizer: Tokenizer) -> np.ndarray:
     """The tokens of the UTF-8 file at `path`, refused in one line if unreadable or not encodable."""
     file = Path(path).expanduser()
+    if file.exists() and not file.is_file():  # a FIFO or a device would block or never end
+        raise UserError(f"the text file {file} is not a regular file; pass text=FILE, a UTF-8 text file")
     try:
         content = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:

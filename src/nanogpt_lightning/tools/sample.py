@@ -52,6 +52,8 @@ def read_prompt(prompt: str) -> str:
     """The prompt text; `FILE:path` reads it from a file."""
     if prompt.startswith("FILE:"):
         path = Path(prompt[len("FILE:"):]).expanduser()
+        if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
+            raise UserError(f"the prompt file {path} is not a regular file; pass prompt=FILE:path.txt, a text file")
         try:
             prompt = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
