@@ -184,3 +184,29 @@ def test_a_fifo_is_refused_not_read(runs, tmp_path, script, setting, refused):
     result = run_script(script, f"ckpt={runs['char']}", setting.format(fifo), "device=cpu", cwd=tmp_path,
                         check=False)  # before: blocked until the 300 s timeout
     one_line_error(result, refused.format(fifo))
+
+
+# --- 6. interpolations: resolved once, checked and used ---
+
+def test_sample_uses_the_resolved_interpolation(runs, tmp_path):
+    result = run_script("sample.py", f"ckpt={runs['char']}", "num_samples=1", "max_new_tokens=${num_samples}",
+                        "device=cpu", cwd=tmp_path)  # before: TypeError (the string '${num_samples}' passed on)
+    assert "Traceback" not in result.stderr
+
+
+def test_export_out_from_an_environment_variable_is_the_resolved_path(runs, tmp_path):
+    run_script("export.py", f"ckpt={runs['char']}", "out=${oc.env:EXPORT_HOME}/x", cwd=tmp_path,
+               env={"EXPORT_HOME": str(tmp_path / "home")})
+    assert (tmp_path / "home" / "x" / "model.safetensors").is_file()
+    assert not list(tmp_path.glob("$*"))  # before: a directory literally named ${oc.env:EXPORT_HOME}
+
+
+def test_checked_settings_check_the_values_they_return():
+    from omegaconf import OmegaConf
+
+    from nanogpt_lightning.config import checked_settings, validate_sample_config
+
+    cfg = OmegaConf.create({"num_samples": 2, "max_new_tokens": "${num_samples}", "prompt": "x"})
+    assert checked_settings(cfg, validate_sample_config) == {"num_samples": 2, "max_new_tokens": 2, "prompt": "x"}
+    with pytest.raises(UserError, match="max_new_tokens cannot be resolved"):
+        checked_settings(OmegaConf.create({"max_new_tokens": "${nothing}"}), validate_sample_config)
