@@ -217,7 +217,7 @@ def test_script_streams_separated_samples_and_leaves_no_files(runs, tmp_path):
     assert samples[-1] == "" and len(samples) == 4
     assert all(s.startswith("Shall I") for s in samples[:3])
     assert "tokens/s" in result.stderr.splitlines()[-1]
-    assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # run_script's; no outputs/, .hydra or log file
+    assert {p.name for p in tmp_path.iterdir()} <= {"cache"}  # at most run_script's; no outputs/, .hydra or log
 
 
 def test_padding_of_the_vocabulary_is_never_sampled():
