@@ -9,6 +9,7 @@ import io
 import lightning as L
 import pytest
 import torch
+import transformers
 from torch.nn import functional as F
 
 from helpers import ROOT, SONNETS
@@ -24,7 +25,6 @@ from nanogpt_lightning.train import checkpoints
 from nanogpt_lightning.train.checkpoints import load_checkpoint
 from nanogpt_lightning.train.settings import compose_train_config
 
-transformers = pytest.importorskip("transformers")
 CPU = torch.device("cpu")
 N_POSITIONS = 32
 
