@@ -31,5 +31,11 @@ test: $(VENV)/installed
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(ARGS)
 
+# how many small changes to the core modules the tests catch ([tool.mutmut] in pyproject.toml; slow: hours)
+mutation: $(VENV)/installed
+	$(PY) -m pip install --quiet -e ".[dev,mutation]"
+	$(PY) -m mutmut run
+	$(PY) -m mutmut results
+
 clean:
 	rm -rf $(VENV)

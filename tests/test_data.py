@@ -84,6 +84,7 @@ def test_prepare_writes_bins_that_decode_back_to_the_text(kind, tmp_path, sonnet
                                                     f"prepared data: {directory}"]
 
 
+@pytest.mark.shared_text
 @pytest.mark.skipif(not TINY_SHAKESPEARE.exists(), reason="needs ../shared/data/tinyshakespeare/input.txt")
 @pytest.mark.parametrize("kind, train_count, val_count", [
     ("gpt2", "301,966", "36,059"), ("char", "1,003,854", "111,540")])
