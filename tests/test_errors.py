@@ -147,8 +147,8 @@ def test_a_resume_with_a_changed_setting_or_on_other_data_is_refused(tmp_path):
             "val_fraction": 0.1, "tokens": {"train": 9, "val": 1}}
     settings = {"optimizer.lr": 3e-3, "trainer.max_steps": 2, "seed": 1337}
     last = write(tmp_path / "prev" / "checkpoints" / "last.ckpt", b"")
-    torch.save({"global_step": 2, CHECKPOINT_KEY: {"model_config": asdict(config), "tokenizer": tokenizer,
-                                                   "data": data, "settings": settings}}, last)
+    meta = {"model_config": asdict(config), "tokenizer": tokenizer, "data": data, "settings": settings}
+    torch.save({"global_step": 2, "state_dict": {}, CHECKPOINT_KEY: meta}, last)
 
     def resume(data=data, allow_other_data=False, **changed):
         module = SimpleNamespace(model_config=config, tokenizer=tokenizer, data=data,

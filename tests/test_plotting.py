@@ -25,6 +25,7 @@ from nanogpt_lightning.plotting import (
     plot_loss,
     smooth,
 )
+from nanogpt_lightning.train import callbacks
 from nanogpt_lightning.train.callbacks import IterationLogger, LossPlot
 
 ITERS = {step: 4.0 - step / 8 for step in range(1, 13)}  # exact in float32, as TensorBoard stores them
@@ -226,7 +227,7 @@ def plotted(monkeypatch) -> list:
         drawn.extend(curves)
         return plot_curves(curves, out, title)
 
-    monkeypatch.setattr(plotting, "plot_curves", spy)
+    monkeypatch.setattr(callbacks, "plot_curves", spy)
     return drawn
 
 
