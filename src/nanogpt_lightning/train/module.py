@@ -10,6 +10,7 @@ from typing import Callable
 import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch.optim.lr_scheduler import LambdaLR
 
 from nanogpt_lightning.console import print_line
@@ -104,7 +105,9 @@ class GPTModule(L.LightningModule):
         scaler = getattr(plugin, "scaler", None)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scaler.unscale_(optimizer)  # Lightning unscales the other optimizers itself, before this hook
-        Precision.clip_gradients(plugin, optimizer, gradient_clip_val, gradient_clip_algorithm)
+        # the trainer passes None unless trainer.gradient_clip_algorithm is set: Lightning's default is the norm
+        algorithm = gradient_clip_algorithm or GradClipAlgorithmType.NORM
+        Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
 
     def _first_nonfinite_iteration(self) -> int | None:
         """Read the flags not yet read (one wait for the device): the first iteration whose loss was not
