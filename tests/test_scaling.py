@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -14,7 +15,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from helpers import ITER_LINE, SONNETS, STEP_LINE, TINY_RUN, run_script
 from nanogpt_lightning.data.datamodule import TextDataModule
+from nanogpt_lightning.devices import auto_precision
 from nanogpt_lightning.train import run as training
+from nanogpt_lightning.train.settings import compose_train_config
 
 
 def events_pids(run: Path) -> set[str]:
@@ -136,3 +139,75 @@ def test_optuna_search_minimises_the_val_loss(tmp_path):
     for key, value in results["best_params"].items():
         assert float(overrides[key]) == pytest.approx(value)
     assert 3e-4 <= results["best_params"]["optimizer.lr"] <= 3e-3
+
+
+
+def test_gpt2_124m_recipe_is_nanogpts_train_gpt2():
+    cfg = compose_train_config(["experiment=gpt2_124m"])
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.dropout) == (12, 12, 768, 0.0)
+    assert (cfg.data.block_size, cfg.data.batch_size, cfg.trainer.accumulate_grad_batches) == (1024, 12, 5)
+    # 12 sequences x 1024 tokens x 5 micro-batches x 8 GPUs: nanoGPT's ~0.5M tokens an iteration
+    assert cfg.data.block_size * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * 8 == 491_520
+    assert (cfg.trainer.max_steps, cfg.scheduler.lr_decay_iters, cfg.scheduler.warmup_iters) == (600_000, 600_000, 2000)
+    assert (cfg.optimizer.lr, cfg.scheduler.min_lr) == (6e-4, 6e-5)
+    assert (cfg.eval_interval, cfg.eval_iters, cfg.model.compile, cfg.trainer.precision) == (1000, 200, True, "auto")
+
+
+class WhatRan(L.Callback):
+    """Each iteration's micro-batches, and its gradient norm before clipping (on_before_optimizer_step comes
+    before it) and after (the gradients the update used, still there when its last micro-batch ends)."""
+
+    micro_batches: list[int] = []
+    norms: list[tuple[float, float]] = []
+
+    def on_train_start(self, trainer, pl_module):
+        WhatRan.micro_batches, WhatRan.norms, self._count, self._unclipped = [], [], 0, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._count += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        WhatRan.micro_batches.append(self._count)
+        self._count, self._unclipped = 0, grad_norm(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._unclipped is not None:
+            WhatRan.norms.append((self._unclipped, grad_norm(pl_module)))
+            self._unclipped = None
+
+
+def grad_norm(module) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()
+                                                       if p.grad is not None])))
+
+
+def test_gpt2_124m_recipe_trains_three_iterations_at_a_reduced_size_with_its_own_settings(tmp_path):
+    """experiment=gpt2_124m with its sizes reduced and compile off (overrides only) on a GPT-2 BPE text: the
+    recipe's other settings are what trained."""
+    from hydra.core.hydra_config import HydraConfig
+
+    before = HydraConfig.instance().cfg
+    cfg = compose_train_config(["experiment=gpt2_124m", "data=text", f"data.input_file={SONNETS}",
+                                "data.tokenizer=gpt2", f"data.data_dir={tmp_path / 'data'}", "data.block_size=16",
+                                "data.batch_size=2", "model.n_layer=2", "model.n_head=4", "model.n_embd=128",
+                                "model.compile=false", "trainer.max_steps=3", "eval_iters=1",
+                                "trainer.accelerator=cpu", "callbacks.progress_bar.refresh_rate=0",
+                                "+callbacks.what_ran._target_=test_scaling.WhatRan"], output_dir=str(tmp_path / "run"))
+    try:
+        training.train(cfg)
+    finally:
+        HydraConfig.instance().cfg = before
+    assert WhatRan.micro_batches == [5, 5, 5]  # accumulation
+    assert len(WhatRan.norms) == 3  # clipped to norm 1.0 (this size's gradients are larger at the start)
+    assert all(unclipped > 1.5 and clipped == pytest.approx(1.0, rel=1e-4) for unclipped, clipped in WhatRan.norms)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert checkpoint["global_step"] == 3
+    groups = checkpoint["optimizer_states"][0]["param_groups"]
+    assert [(g["betas"], g["weight_decay"], g["fused"]) for g in groups] == [((0.9, 0.95), 0.1, True),
+                                                                             ((0.9, 0.95), 0.0, True)]
+    assert [g["lr"] for g in groups] == pytest.approx([6e-4 * 4 / 2001] * 2)  # warmup's 4th of 2001 (nanoGPT's)
+    assert checkpoint["state_dict"]["model.transformer.wte.weight"].shape == (50304, 128)  # 50257 padded to 64s
+    settings = checkpoint["nanogpt_lightning"]["settings"]
+    assert settings["trainer.precision"] == auto_precision(torch.device("cpu"))
+    assert (settings["scheduler.min_lr"], settings["scheduler.lr_decay_iters"], settings["model.dropout"],
+            settings["model.bias"], settings["data.tokenizer"]) == (6e-5, 600_000, 0.0, False, "gpt2")
