@@ -210,3 +210,71 @@ def test_checked_settings_check_the_values_they_return():
     assert checked_settings(cfg, validate_sample_config) == {"num_samples": 2, "max_new_tokens": 2, "prompt": "x"}
     with pytest.raises(UserError, match="max_new_tokens cannot be resolved"):
         checked_settings(OmegaConf.create({"max_new_tokens": "${nothing}"}), validate_sample_config)
+
+
+# --- 7. model.init_from: the weights held against the data before anything trains ---
+
+GPT2_DATA = {"kind": "gpt2", "vocab_size": 50257}
+
+
+@pytest.fixture(scope="module")
+def small_vocabulary_gpt2(tmp_path_factory) -> Path:
+    """A GPT-2 of 1000 tokens and 64 positions, saved by transformers (as someone else's would be)."""
+    import transformers
+
+    directory = tmp_path_factory.mktemp("vocab1000")
+    config = transformers.GPT2Config(vocab_size=1000, n_layer=1, n_head=2, n_embd=32, n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(directory)
+    return directory
+
+
+def char_tokenizer(runs) -> dict:
+    return torch.load(runs["char"], map_location="cpu", weights_only=True)[CHECKPOINT_KEY]["tokenizer"]
+
+
+@pytest.mark.parametrize("source, data, block_size, refused", [
+    ("vocab1000", "gpt2", 16, "model.init_from={} has a vocabulary of 1000 tokens, the data is in GPT-2's byte-pair "
+                              "encoding of 50257; pass weights with GPT-2's whole vocabulary"),
+    ("vocab1000", "gpt2", 128, "data.block_size=128 is larger than the 64 positions of model.init_from={}; "
+                               "pass data.block_size=64 or less"),
+    ("char", "gpt2", 16, "model.init_from={} was trained on a char vocabulary of {n} tokens, the data here has a "
+                         "gpt2 vocabulary of 50257 tokens; train on data of the checkpoint's tokenizer"),
+    ("char", "other chars", 16, "the data here has a char vocabulary of 2 tokens"),
+    ("char", "char", 32, "data.block_size=32 is larger than the 16 positions of model.init_from={}"),
+])
+def test_init_from_weights_that_do_not_fit_the_data_is_one_line(runs, small_vocabulary_gpt2, source, data,
+                                                                  block_size, refused):
+    from nanogpt_lightning.train.checkpoints import init_from
+
+    spec = str(small_vocabulary_gpt2 if source == "vocab1000" else runs["char"].parent.parent)  # a run directory
+    tokenizer = {"gpt2": GPT2_DATA, "char": char_tokenizer(runs),
+                 "other chars": {"kind": "char", "chars": "ab", "vocab_size": 2}}[data]
+    with pytest.raises(UserError) as err:  # before: IndexError at the first batch (GPT-2), or no such option
+        init_from(spec, tokenizer, block_size, {})
+    assert refused.format(spec, n=char_tokenizer(runs)["vocab_size"]) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_init_from_a_foreign_gpt2_of_another_vocabulary_leaves_no_run_directory(small_vocabulary_gpt2, tmp_path):
+    result = run_script("train.py", *TINY_RUN, "data.tokenizer=gpt2", f"data.data_dir={tmp_path / 'data'}",
+                        f"model.init_from={small_vocabulary_gpt2}", f"hydra.run.dir={tmp_path / 'run'}",
+                        cwd=tmp_path, check=False)
+    one_line_error(result, "has a vocabulary of 1000 tokens")
+    assert not (tmp_path / "run").exists()  # before: tensorboard/ left, and the same command refused
+
+
+def test_init_from_a_run_directory_trains_from_its_weights_with_new_settings(runs, tmp_path):
+    """Weights from a checkpoint, a fresh optimizer and schedule: another learning rate and a shorter block
+    (a resume refuses both)."""
+    source = runs["char"].parent.parent
+    printed = train_in_process(tmp_path / "run", "data.tokenizer=char", f"data.data_dir={source}_data",
+                               f"model.init_from={source}", "optimizer.lr=1e-9", "data.block_size=8",
+                               "trainer.max_steps=2", "eval_interval=2")
+    assert f"init_from {runs['char']} (step 2): 1 layers, 2 heads, n_embd 32, positions cropped to 8" in printed
+    before = torch.load(runs["char"], map_location="cpu", weights_only=True)
+    after = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert after["global_step"] == 2  # counted from 0: a new run
+    assert after[CHECKPOINT_KEY]["model_config"]["block_size"] == 8
+    assert after[CHECKPOINT_KEY]["settings"]["optimizer.lr"] == 1e-9
+    torch.testing.assert_close(after["state_dict"]["model.transformer.wpe.weight"],
+                               before["state_dict"]["model.transformer.wpe.weight"][:8], atol=1e-6, rtol=0)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -270,12 +271,17 @@ def pretrained_tokenizer(pretrained: Pretrained, vocab_size: int) -> dict:
                     f"{TOKENIZER_META_FILE}; use the checkpoint it was exported from")
 
 
-def init_from(spec: str, tokenizer: dict, block_size: int, model_settings: dict) -> tuple[GPTConfig, Pretrained]:
+def init_from(spec: str, tokenizer: dict, block_size: int,
+              model_settings: dict) -> tuple[GPTConfig, Callable[[GPT], None]]:
     """Training's model config for `model.init_from=spec` on data with `tokenizer` and `block_size`, and the
-    weights to load into it (model/gpt2.load_weights).
+    function that loads the weights into a model built from it. What the data needs of the weights (vocabulary,
+    positions, options) is checked here, their shapes by the loader: all before training starts.
 
-    The shape comes from the weights; of the model settings only dropout and fused_loss apply (n_layer,
-    n_head, n_embd, bias, vocab_multiple, mlp are the weights'); an option GPT-2 lacks is refused."""
+    `spec` names GPT-2 weights (is_pretrained) or a checkpoint of this project (a file, a run directory,
+    `latest`: its weights only, the optimizer and schedule start afresh). The shape and options come from the
+    weights; of the model settings only dropout and fused_loss apply; an option GPT-2 lacks is refused."""
+    if not is_pretrained(spec):
+        return _init_from_checkpoint(spec, tokenizer, block_size, model_settings)
     key = "model.init_from"
     named = f"{key}={spec}"
     if tokenizer.get("kind") != "gpt2":
@@ -285,11 +291,46 @@ def init_from(spec: str, tokenizer: dict, block_size: int, model_settings: dict)
     pretrained = read_pretrained(spec, key)
     config = gpt_config(pretrained.hf_config, named, block_size, dropout=model_settings.get("dropout", 0.0),
                         fused_loss=model_settings.get("fused_loss", True))
+    if config.vocab_size <= GPT2_EOS:  # GPT-2's token ids would index past its embedding table
+        raise UserError(f"{named} has a vocabulary of {config.vocab_size} tokens, the data is in GPT-2's byte-pair "
+                        f"encoding of {GPT2_EOS + 1}; pass weights with GPT-2's whole vocabulary (e.g. "
+                        f"{key}=gpt2), or train from scratch without {key}")
     positions = pretrained.hf_config["n_positions"]
     cropped = f", positions cropped to {block_size}" if block_size < positions else ""
     say(f"init_from {spec} ({pretrained.directory}): {config.n_layer} layers, {config.n_head} heads, "
         f"n_embd {config.n_embd}, {positions} positions{cropped}")
-    return config, pretrained
+    return config, lambda model: load_weights(model, pretrained.tensors, named)
+
+
+def _init_from_checkpoint(spec: str, tokenizer: dict, block_size: int,
+                          model_settings: dict) -> tuple[GPTConfig, Callable[[GPT], None]]:
+    """init_from for a checkpoint of this project: its model, on data of its vocabulary, positions cropped."""
+    key = "model.init_from"
+    named = f"{key}={spec}"
+    path = resolve_checkpoint(spec, key=key)
+    checkpoint = read_checkpoint(path, key=key)
+    trained = checkpoint_model(checkpoint, path)
+    saved = checkpoint[CHECKPOINT_KEY]["tokenizer"]
+    if saved != tokenizer:
+        raise UserError(f"{named} was trained on {vocabulary(saved)}, the data here has {vocabulary(tokenizer)}; "
+                        f"train on data of the checkpoint's tokenizer and text, or train from scratch without {key}")
+    if block_size > trained.config.block_size:
+        raise UserError(f"data.block_size={block_size} is larger than the {trained.config.block_size} positions "
+                        f"of {named}; pass data.block_size={trained.config.block_size} or less")
+    config = replace(trained.config, block_size=block_size, dropout=model_settings.get("dropout", 0.0),
+                     fused_loss=model_settings.get("fused_loss", True))
+    weights = trained.state_dict()
+    if "transformer.wpe.weight" in weights:
+        weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][:block_size]
+    cropped = f", positions cropped to {block_size}" if block_size < trained.config.block_size else ""
+    say(f"init_from {title(path, checkpoint)}: {config.n_layer} layers, {config.n_head} heads, n_embd "
+        f"{config.n_embd}{cropped}; a fresh optimizer and schedule")
+    return config, lambda model: model.load_state_dict(weights)
+
+
+def vocabulary(tokenizer: dict) -> str:
+    """A tokenizer description for messages: `a char vocabulary of 65 tokens`."""
+    return f"a {tokenizer.get('kind')} vocabulary of {tokenizer.get('vocab_size')} tokens"
 
 
 def check_resumable(checkpoint: dict, model_config: GPTConfig, tokenizer: dict, path: Path) -> None:

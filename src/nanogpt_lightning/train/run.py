@@ -8,6 +8,7 @@ import math
 import shlex
 import sys
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import lightning as L
@@ -23,7 +24,6 @@ from nanogpt_lightning.console import say
 from nanogpt_lightning.devices import auto_precision, check_compile, check_precision, pick_device
 from nanogpt_lightning.errors import TrainingInterrupted, UserError
 from nanogpt_lightning.metrics import EVAL_LOSS_TAGS
-from nanogpt_lightning.model.gpt2 import load_weights
 from nanogpt_lightning.train import checkpoints
 from nanogpt_lightning.train.callbacks import TimeBudget, finished_run_help
 from nanogpt_lightning.train.checkpoints import init_from
@@ -105,24 +105,26 @@ def resume_path(spec: str | None, module, max_steps: int, budget_s: float | None
 def build_module(cfg: DictConfig, datamodule, device: torch.device) -> GPTModule:
     """The GPT sized by the data: block size and vocabulary come from the data module, never the config.
 
-    With `model.init_from` the shape and the weights are GPT-2's (checkpoints.init_from); the shape keys of
-    `cfg.model` are set to the weights' so the run's settings (HPARAMS, resume checks) tell what trained."""
+    With `model.init_from` the shape, the options and the weights are those of GPT-2 or of a checkpoint
+    (checkpoints.init_from); the model keys of `cfg.model` are set to theirs so the run's settings (HPARAMS,
+    resume checks) tell what trained."""
     model_settings = OmegaConf.to_container(cfg.model, resolve=True)
     spec = model_settings.pop("init_from", None)
     compile_model = model_settings.pop("compile", False)
     if compile_model:
         check_compile(device)
-    pretrained = None
+    load_weights = None
     try:
         if spec is None:
             model_config = instantiate(model_settings)(block_size=datamodule.block_size,
                                                        vocab_size=datamodule.vocab_size)
         else:
-            model_config, pretrained = init_from(spec, datamodule.meta["tokenizer"], datamodule.block_size,
-                                                 model_settings)
+            model_config, load_weights = init_from(spec, datamodule.meta["tokenizer"], datamodule.block_size,
+                                                   model_settings)
             with open_dict(cfg.model):
-                for key in ("n_layer", "n_head", "n_embd", "bias", "vocab_multiple", "mlp"):
-                    cfg.model[key] = getattr(model_config, key)
+                for field in fields(model_config):
+                    if field.name in cfg.model:
+                        cfg.model[field.name] = getattr(model_config, field.name)
     except ValueError as err:
         raise UserError(str(err)) from None
     for group in ("optimizer", "scheduler"):
@@ -131,8 +133,8 @@ def build_module(cfg: DictConfig, datamodule, device: torch.device) -> GPTModule
                                      optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler),
                                      data=datamodule.identity, run_settings=run_settings(cfg),
                                      compile_model=compile_model)
-    if pretrained is not None:
-        load_weights(module.model, pretrained.tensors, f"model.init_from={spec}")
+    if load_weights is not None:
+        load_weights(module.model)
     try:
         module.configure_optimizers()  # a dry run: bad optimizer.* or scheduler.* settings fail here, not mid-fit
     except ValueError as err:
