@@ -9,6 +9,7 @@ from helpers import SONNETS, TINY_SHAKESPEARE, prepare_text
 from nanogpt_lightning.data import prepare as data_module
 from nanogpt_lightning.data.datamodule import TextDataModule
 from nanogpt_lightning.data.prepare import describe_data
+from nanogpt_lightning.data.shards import ShardWriter
 from nanogpt_lightning.data.tokenizer import tokenizer_from_meta
 from nanogpt_lightning.data.windows import RandomWindows
 from nanogpt_lightning.errors import UserError
@@ -232,19 +233,19 @@ def test_preparing_other_data_meanwhile_leaves_a_running_jobs_data_alone(tmp_pat
 
 @pytest.mark.parametrize("force", [False, True])
 def test_two_preparations_of_the_same_data_at_once_both_end_with_it_whole(tmp_path, monkeypatch, force):
-    """The second preparation starts and finishes while the first is writing its bins."""
-    write = data_module._write_tokens
+    """The second preparation starts and finishes while the first is writing its shards."""
+    close = ShardWriter.close_shard
     second = make_datamodule(tmp_path)
     started = []
 
-    def write_while_another_prepares(path, ids):
-        if path.name == "val.bin" and not started:
+    def close_while_another_prepares(writer):
+        if writer._split == "val" and not started:
             started.append(True)
             second.prepare_data(force=force)
             assert second.prepared_dir.exists()
-        write(path, ids)
+        close(writer)
 
-    monkeypatch.setattr(data_module, "_write_tokens", write_while_another_prepares)
+    monkeypatch.setattr(ShardWriter, "close_shard", close_while_another_prepares)
     first = make_datamodule(tmp_path)
     first.prepare_data(force=force)
     assert first.prepared_dir == second.prepared_dir
@@ -254,37 +255,49 @@ def test_two_preparations_of_the_same_data_at_once_both_end_with_it_whole(tmp_pa
     assert first.meta == second.meta and first.meta["tokens"] == {"train": 2748, "val": 306}
 
 
-@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, OSError])
-def test_an_interrupted_first_preparation_leaves_nothing(tmp_path, monkeypatch, interrupt):
-    write = data_module._write_tokens
+def stop_at_the_val_shard(monkeypatch, interrupt):
+    """Make the next preparation stop (`interrupt`) as it closes its val shard, the train shard whole."""
+    close = ShardWriter.close_shard
 
-    def write_then_stop(path, ids):
-        if path.name == "val.bin":
+    def close_then_stop(writer):
+        if writer._split == "val":
             raise interrupt("stopped while writing")
-        write(path, ids)
+        close(writer)
 
-    monkeypatch.setattr(data_module, "_write_tokens", write_then_stop)
+    monkeypatch.setattr(ShardWriter, "close_shard", close_then_stop)
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, OSError])
+def test_an_interrupted_first_preparation_leaves_nothing_in_place(tmp_path, monkeypatch, interrupt, capsys):
+    """Only the hidden work directory and the whole train shard in it, which the same command goes on from."""
+    stop_at_the_val_shard(monkeypatch, interrupt)
     dm = make_datamodule(tmp_path)
     with pytest.raises(KeyboardInterrupt if interrupt is KeyboardInterrupt else UserError):
         dm.prepare_data()
-    assert list((tmp_path / "bins").iterdir()) == []
+    work = tmp_path / "bins" / f".{dm.prepared_dir.name}.partial"
+    assert list((tmp_path / "bins").iterdir()) == [work]
+    assert sorted(p.name for p in work.iterdir()) == ["progress.json", "train-00000.bin"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"stopped: 2,748 tokens in whole shards kept in {work}; the same command goes on from there"]
+    monkeypatch.undo()
+    dm.prepare_data()
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"resuming an interrupted preparation: 1 whole shard(s), 2,748 tokens kept in {work}")
+    assert sorted(p.name for p in (tmp_path / "bins").iterdir()) == [dm.prepared_dir.name]
+    uninterrupted = make_datamodule(tmp_path, data_dir=str(tmp_path / "again"))
+    uninterrupted.prepare_data()
+    assert files(dm.prepared_dir) == files(uninterrupted.prepared_dir)
 
 
 def test_an_interrupted_rebuild_leaves_the_old_data_whole(tmp_path, monkeypatch):
     dm = make_datamodule(tmp_path)
     dm.prepare_data()
     before = files(tmp_path / "bins")
-    write = data_module._write_tokens
-
-    def write_then_stop(path, ids):
-        if path.name == "val.bin":
-            raise KeyboardInterrupt
-        write(path, ids)
-
-    monkeypatch.setattr(data_module, "_write_tokens", write_then_stop)
+    stop_at_the_val_shard(monkeypatch, KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         make_datamodule(tmp_path).prepare_data(force=True)
-    assert files(tmp_path / "bins") == before
+    # the old data as it was; beside it, hidden, the whole train shard of the rebuild
+    assert {name: data for name, data in files(tmp_path / "bins").items() if not name.startswith(".")} == before
 
 
 def test_a_rebuild_interrupted_between_its_renames_puts_the_old_data_back(tmp_path, monkeypatch):
@@ -396,7 +409,7 @@ def test_offline_without_a_local_file_says_how_to_pass_one(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("content, message", [(None, "does not exist"), (b"", "is empty"),
-                                              (b"\xff\xfe not utf-8", "is not UTF-8 text")])
+                                              (b"caf\xe9 in Latin-1", "is not UTF-8 text")])
 def test_missing_empty_or_binary_input_file(tmp_path, content, message):
     path = tmp_path / "input.txt"
     if content is not None:

@@ -1,8 +1,11 @@
-"""Random (x, y) windows of a token bin, y = x shifted by one, keyed so that a resumed run sees the same batches.
+"""Random (x, y) windows of a split's token shards, y = x shifted by one, keyed so that a resumed run sees the
+same batches.
 
-Each training batch is drawn from its own random stream keyed by (seed, split, rank, batch index), and each
-evaluation batch by (seed, split, rank, the evaluation's step, batch index), so a resumed run sees exactly the
-batches an uninterrupted one would have seen.
+A window lies within one shard; shards are drawn in proportion to their windows (a start is drawn among all
+the split's window starts), so one shard is what a single bin always was. Each training batch is drawn from
+its own random stream keyed by (seed, split, rank, batch index), and each evaluation batch by (seed, split,
+rank, the evaluation's step, batch index), so a resumed run sees exactly the batches an uninterrupted one
+would have seen.
 """
 
 from __future__ import annotations
@@ -14,20 +17,21 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from nanogpt_lightning.data.prepare import TOKEN_DTYPE
-
 
 class RandomWindows(IterableDataset):
-    """Batches of random (x, y) windows of one token bin, y = x shifted by one.
+    """Batches of random (x, y) windows of a split's shards (`shards`: one bin's path, or a list), y = x
+    shifted by one.
 
     `num_batches=None` streams forever. Batch i is drawn from the stream keyed (*key, i), starting at
     `start`, so the sequence depends only on the key and the start, never on what was drawn before.
-    The bin is opened once and kept open, so the data stays the same while the dataset lives.
+    The shards are opened once (memmaps) and kept open, so the data stays the same while the dataset lives
+    and nothing is copied into memory however long it runs.
     """
 
-    def __init__(self, bin_path: Path, block_size: int, batch_size: int, key: tuple[int, ...],
-                 start: int = 0, num_batches: int | None = None):
-        self.bin_path = bin_path
+    def __init__(self, shards: Path | list[Path], block_size: int, batch_size: int, key: tuple[int, ...],
+                 start: int = 0, num_batches: int | None = None, dtype: np.dtype = np.uint16):
+        self.shards = [shards] if isinstance(shards, Path) else list(shards)
+        self.dtype = np.dtype(dtype)
         self.block_size = block_size
         self.batch_size = batch_size
         self.key = key
@@ -36,16 +40,18 @@ class RandomWindows(IterableDataset):
         self._tokens = None
 
     def __getstate__(self) -> dict:
-        # a worker process started by spawn opens the bin itself: pickling a memmap would copy the data
+        # a worker process started by spawn opens the shards itself: pickling a memmap would copy the data
         return {**self.__dict__, "_tokens": None}
 
-    def tokens(self) -> np.ndarray:
+    def tokens(self) -> list[np.ndarray]:
         if self._tokens is None:
-            self._tokens = np.memmap(self.bin_path, dtype=TOKEN_DTYPE, mode="r")
+            self._tokens = [np.memmap(path, dtype=self.dtype, mode="r") for path in self.shards]
         return self._tokens
 
     def batches(self, key: tuple[int, ...], start: int):
-        tokens = self.tokens()
+        shards = self.tokens()
+        # window starts of every shard, end to end: a start drawn among them all picks shards by their size
+        ends = np.cumsum([max(len(tokens) - self.block_size, 0) for tokens in shards])
         window = np.arange(self.block_size + 1)
         worker = torch.utils.data.get_worker_info()
         first, stride = (0, 1) if worker is None else (worker.id, worker.num_workers)
@@ -53,8 +59,14 @@ class RandomWindows(IterableDataset):
         index = start + first
         while end is None or index < end:
             rng = np.random.default_rng([*key, index])
-            starts = rng.integers(0, len(tokens) - self.block_size, size=self.batch_size)
-            windows = torch.from_numpy(tokens[starts[:, None] + window].astype(np.int64))
+            starts = rng.integers(0, ends[-1], size=self.batch_size)
+            shard_of = np.searchsorted(ends, starts, side="right")
+            offsets = starts - np.concatenate([[0], ends])[shard_of]
+            windows = np.empty((self.batch_size, self.block_size + 1), dtype=np.int64)
+            for shard in np.unique(shard_of):
+                rows = shard_of == shard
+                windows[rows] = shards[shard][offsets[rows][:, None] + window]
+            windows = torch.from_numpy(windows)
             yield windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
             index += stride
 
@@ -66,9 +78,9 @@ class EvalWindows(RandomWindows):
     """`num_batches` batches per pass, keyed also by `step()` when the pass starts (the trainer's step):
     an evaluation at a given step sees the same batches whether or not the run was resumed on the way."""
 
-    def __init__(self, bin_path: Path, block_size: int, batch_size: int, key: tuple[int, ...], num_batches: int,
-                 step: Callable[[], int]):
-        super().__init__(bin_path, block_size, batch_size, key, num_batches=num_batches)
+    def __init__(self, shards: Path | list[Path], block_size: int, batch_size: int, key: tuple[int, ...],
+                 num_batches: int, step: Callable[[], int], dtype: np.dtype = np.uint16):
+        super().__init__(shards, block_size, batch_size, key, num_batches=num_batches, dtype=dtype)
         self.step = step
 
     def __iter__(self):
