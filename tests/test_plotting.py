@@ -10,9 +10,12 @@ import lightning as L
 import numpy as np
 import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib import cbook
+from omegaconf import OmegaConf
+from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from helpers import fit_tiny, run_script
+from helpers import TINY_RUN, fit_tiny, run_script
 from nanogpt_lightning import plotting
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.metrics import EVAL_BPB_TAGS, EVAL_LOSS_TAGS, ITER_LOSS_TAG
@@ -119,7 +122,62 @@ def test_sweep_runs_are_labelled_by_what_differs_and_ranked_by_val_loss(tmp_path
     ]
     curves = load_inputs([str(sweep)])
     assert [c.name for c in curves] == ["0_model.n_embd=16", "1_model.n_embd=32", "10_model.n_embd=64"]
-    assert labels(curves) == ["n_embd=16", "n_embd=32", "n_embd=64"]
+    assert labels(curves) == ["0_model.n_embd=16: n_embd=16", "1_model.n_embd=32: n_embd=32",
+                              "10_model.n_embd=64: n_embd=64"]
+
+
+def train_run(run: Path, *overrides: str) -> Path:
+    """A real tiny run (in this process) with the Hydra config scripts/train.py would save beside it."""
+    from nanogpt_lightning.train.settings import compose_train_config
+    from test_train import train_in_process
+
+    train_in_process(run, *overrides)
+    (run / ".hydra").mkdir()
+    OmegaConf.save(compose_train_config([*TINY_RUN, *overrides]), run / ".hydra" / "config.yaml")
+    return run
+
+
+def test_runs_are_compared_by_the_settings_that_shape_their_results(tmp_path):
+    # three loggers (each records the settings its own way), a wider model, another optimizer and log interval
+    common = [f"data.data_dir={tmp_path / 'data'}", "trainer.max_steps=4", "eval_interval=2"]
+    runs = [train_run(tmp_path / "runA", *common, "logger=csv"),
+            train_run(tmp_path / "runB", *common, "logger=many", "model.n_embd=64", "log_interval=2"),
+            train_run(tmp_path / "runC", *common, "optimizer=muon")]
+    out = io.StringIO()
+    path = plot_loss([str(r) for r in runs], output=str(tmp_path / "compare.png"), out=out)
+    assert Image.open(path).size == (1200, 720)  # plotting.FIGURE_SIZE at its dpi, whatever the labels
+    table = out.getvalue().splitlines()
+    assert table[0].split() == ["run", "val", "loss", "val", "bpb", "n_embd", "optimizer", "weight_decay",
+                                "momentum", "ns_steps", "adamw_lr", "adamw_weight_decay"]  # not log_interval
+    assert [line.split()[0] for line in table[1:4]] == ["runB", "runA", "runC"]  # ranked by val loss
+    assert table[-1] == str(path) and max(map(len, table)) <= plotting.TABLE_WIDTH
+    curves = load_inputs([str(r) for r in runs])
+    assert labels(curves) == ["runA: n_embd=32 optimizer=adamw weight_decay=0.1",
+                              "runB: n_embd=64 optimizer=adamw weight_decay=0.1",
+                              "runC: n_embd=32 optimizer=muon weight_decay=0 momentum=0.95…"]
+    assert curves[2].settings["model.tie_embeddings"] is True  # TensorBoard's 1.0, typed by the config
+
+
+def test_ten_runs_keep_the_figure_size_and_short_plain_labels(tmp_path):
+    # runs without a settings record (as with wandb alone): compared by their Hydra configs, `${...}` and all
+    config = "optimizer:\n" + "".join(f"  a_rather_long_setting_name_{i}: {{n}}\n" for i in range(8)) + \
+        "logger:\n  save_dir: ${{hydra:runtime.output_dir}}/{n}\n"
+    runs = [write_run(tmp_path / f"run${n}$", ITERS, EVALS, config.format(n=n)) for n in range(10)]
+    fig = loss_figure(load_inputs([str(r) for r in runs]), " ".join(map(str, runs)))
+    fig.canvas.draw()
+    texts = [t.get_text() for t in fig.legends[0].get_texts()] + [fig.axes[0].get_title()]
+    assert len(texts) == 13 and all(len(t.replace("\\$", "$")) <= plotting.LABEL_WIDTH for t in texts[:-1])
+    assert texts[0].startswith("run\\$0\\$: a_rather_long_setting_name_0=0") and texts[0].endswith("…")
+    assert not any(cbook.is_math_text(t) for t in texts)  # `$` drawn as itself, never as mathematics
+    assert fig.legends[0].get_window_extent().width <= fig.bbox.width
+    out = io.StringIO()
+    path = plot_loss([str(r) for r in runs], output=str(tmp_path / "ten.png"), out=out)
+    assert Image.open(path).size == (1200, 720)
+    table = out.getvalue().splitlines()
+    assert max(map(len, table)) <= plotting.TABLE_WIDTH and table[-1] == str(path)
+    left_out = " ".join(table[11:-1])  # below the header and the 10 runs
+    assert left_out.startswith("also differ: a_rather_long_setting_name_") and left_out.endswith(", save_dir")
+    assert len(table[0].split()) + left_out.count(",") + 1 == 3 + 2 + 9  # run, val loss, val bpb, the 9 settings
 
 
 def test_smoothing_follows_a_falling_loss_instead_of_lagging_above_it():

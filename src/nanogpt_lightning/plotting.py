@@ -4,6 +4,8 @@ otherwise).
 A run directory (or a sweep directory holding several) is read from what its loggers left: TensorBoard's events
 (with TensorBoard's own reader), else Lightning's CSVLogger's metrics.csv files, else its train.log (any logger,
 e.g. wandb alone); a text log is parsed from its `iter N: loss X` and `step N: train loss X, val loss Y` lines.
+Several runs are told apart by their names and the settings that shape their results where those differ (the
+HPARAMS row each run recorded), in a figure of fixed size whatever the labels.
 """
 
 from __future__ import annotations
@@ -14,17 +16,21 @@ import math
 import os
 import re
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 import matplotlib
 import numpy as np
+import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from nanogpt_lightning.errors import UserError
 from nanogpt_lightning.metrics import EVAL_BPB_TAGS, EVAL_LOSS_TAGS, ITER_LOSS_TAG
@@ -37,6 +43,13 @@ NUMBER = r"([-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf))"
 ITER_LINE = re.compile(rf"iter (\d+): loss {NUMBER}")
 EVAL_LINE = re.compile(rf"step (\d+): train loss {NUMBER}, val loss {NUMBER}(?:, val bpb {NUMBER})?")
 SMOOTHING_SPAN = 20  # the smoothed curve averages over about 1/SMOOTHING_SPAN of a run's logged points
+SETTINGS_FILE = "hparams.yaml"  # CSVLogger's copy of the run's HPARAMS row: <name>/version_N/hparams.yaml
+FIGURE_SIZE = (10, 6)  # inches at FIGURE_DPI: 1200 x 720 pixels, whatever the labels
+FIGURE_DPI = 120
+LABEL_WIDTH = 60  # characters of a legend label (2 columns of them fit the figure's width)
+TITLE_WIDTH = 100
+CELL_WIDTH = 24  # characters of a table cell (accumulate_grad_batches: 23)
+TABLE_WIDTH = 120  # the table's columns of settings stop here; the settings left out are named below it
 
 
 @dataclass
@@ -59,6 +72,7 @@ class LossCurves:
     evals: dict[str, Series] = field(default_factory=lambda: {split: Series() for split in EVAL_LOSS_TAGS})
     val_bpb: Series = field(default_factory=Series)
     config: dict[str, object] = field(default_factory=dict)  # the run's flattened Hydra config, if any
+    settings: dict[str, object] = field(default_factory=dict)  # the settings that shape its result, as recorded
 
     @property
     def final_val_loss(self) -> float:
@@ -84,7 +98,8 @@ def curves_from_text(text: str, name: str) -> LossCurves:
 
 
 def curves_from_events(events_dir: Path, name: str) -> LossCurves:
-    """The loss scalars of the TensorBoard event files in `events_dir` (all of them: resumed runs add files)."""
+    """The loss scalars of the TensorBoard event files in `events_dir` (all of them: resumed runs add files),
+    and the run's HPARAMS row as `settings`."""
     accumulator = EventAccumulator(str(events_dir), size_guidance={"scalars": 0})  # 0: keep every point
     reader_log = logging.getLogger("tensorboard")
     level = reader_log.level
@@ -98,6 +113,12 @@ def curves_from_events(events_dir: Path, name: str) -> LossCurves:
     for tag, series in _loss_series(curves).items():
         for event in accumulator.Scalars(tag) if tag in tags else ():
             series.add(event.step, event.value)
+    try:
+        row = accumulator.PluginTagToContent(hparams_metadata.PLUGIN_NAME)[hparams_metadata.SESSION_START_INFO_TAG]
+    except KeyError:  # no HPARAMS written
+        return curves
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(row).session_start_info.hparams
+    curves.settings = {key: getattr(value, value.WhichOneof("kind")) for key, value in hparams.items()}
     return curves
 
 
@@ -138,7 +159,8 @@ def _events_dir(run_dir: Path) -> Path:
 
 def run_curves(run_dir: Path) -> LossCurves:
     """A run directory's losses, with its Hydra config (as composed, interpolations unresolved): from its
-    TensorBoard events, else its CSV logs, else its train.log."""
+    TensorBoard events, else its CSV logs, else its train.log. With the settings that shape its result as the
+    run recorded them: CSVLogger's hparams.yaml, else TensorBoard's HPARAMS (typed by the config)."""
     if any(_events_dir(run_dir).glob(EVENTS_GLOB)):
         curves = curves_from_events(_events_dir(run_dir), run_dir.name)
     elif csv_files := _csv_files(run_dir):
@@ -151,7 +173,21 @@ def run_curves(run_dir: Path) -> LossCurves:
     config_file = run_dir / ".hydra" / "config.yaml"
     if config_file.is_file():
         curves.config = _flatten(OmegaConf.to_container(OmegaConf.load(config_file), resolve=False))
+    records = sorted(run_dir.glob(f"*/version_*/{SETTINGS_FILE}"), key=lambda f: _natural_key(f.relative_to(run_dir)))
+    recorded = (yaml.safe_load(f.read_text(encoding="utf-8")) for f in reversed(records))  # the latest, not `{}`
+    curves.settings = next(filter(None, recorded), None) or _typed_like_config(curves.settings, curves.config)
     return curves
+
+
+def _typed_like_config(hparams: dict[str, object], config: dict[str, object]) -> dict[str, object]:
+    """TensorBoard's HPARAMS row as the run's settings: it keeps booleans as numbers and None as 'None', and its
+    order is lost; the Hydra config gives both back."""
+    order = {key: i for i, key in enumerate(config)}
+    typed = {}
+    for key in sorted(hparams, key=lambda k: (order.get(k, len(order)), k)):
+        value, like = hparams[key], config.get(key)
+        typed[key] = bool(value) if isinstance(like, bool) else None if value == "None" else value
+    return typed
 
 
 def _natural_key(path: Path) -> list:
@@ -199,38 +235,67 @@ def load_inputs(inputs: list[str], stdin_text: str | None = None) -> list[LossCu
     return curves
 
 
+def compared_settings(curves: list[LossCurves]) -> list[dict[str, object]]:
+    """Each run's settings to compare: those it recorded (the settings that shape its result). A run that recorded
+    none (wandb alone, an older run) gives those same keys from its Hydra config, or its whole config when no run
+    recorded any; a text log has none."""
+    keys = dict.fromkeys(key for c in curves for key in c.settings)
+    return [c.settings or ({k: c.config[k] for k in keys if k in c.config} if keys else c.config) for c in curves]
+
+
 def differing_keys(curves: list[LossCurves]) -> list[str]:
-    """Config keys whose values are not the same in all runs that have a config."""
-    configs = [c.config for c in curves if c.config]
-    if len(configs) < 2:
+    """The settings whose values are not the same in all runs that have settings, in the runs' order."""
+    settings = [s for s in compared_settings(curves) if s]
+    if len(settings) < 2:
         return []
-    keys = sorted(set().union(*configs))
-    return [k for k in keys if len({repr(config.get(k)) for config in configs}) > 1]
+    keys = dict.fromkeys(key for s in settings for key in s)
+    return [k for k in keys if len({shown(s, k) for s in settings}) > 1]
 
 
 def short_names(keys: list[str]) -> dict[str, str]:
-    """Each key's shortest dotted suffix that no other key ends with (`model.n_embd` -> `n_embd`),
-    never one starting with `_` (`callbacks.loss_plot._target_` -> `loss_plot._target_`)."""
+    """Each key's shortest dotted suffix that no other key ends with (`model.n_embd` -> `n_embd`); a group's
+    `_target_` is the group (`optimizer._target_` -> `optimizer`)."""
     names = {}
     for key in keys:
-        parts = key.split(".")
+        parts = key.removesuffix("._target_").split(".")
         suffixes = [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]
-        unique = [s for s in suffixes if not s.startswith("_")
-                  and not any(other != key and ("." + other).endswith("." + s) for other in keys)]
+        unique = [s for s in suffixes if not any(other != key and ("." + other).endswith("." + s) for other in keys)]
         names[key] = unique[0] if unique else key
     return names
 
 
-def config_value(curves: LossCurves, key: str) -> str:
-    return str(curves.config[key]) if key in curves.config else "-"
+def shown(settings: dict[str, object], key: str) -> str:
+    """A setting's value as text, the same whichever record it came from (`-`: the run has no such setting); a
+    `_target_` by its last name (`nanogpt_lightning.train.optimizers.muon` -> `muon`)."""
+    if key not in settings:
+        return "-"
+    value = settings[key]
+    if key.endswith("_target_"):
+        return str(value).rsplit(".", 1)[-1]
+    if isinstance(value, float):
+        return f"{value:.10g}"  # TensorBoard's 32.0 is the 32 of hparams.yaml
+    return str(value)
+
+
+def clipped(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def labels(curves: list[LossCurves]) -> list[str]:
-    """Each run's label: what differs in its config (`n_embd=64 lr=0.001`), else its name."""
+    """Each run's label: its name, then its values of the settings that differ (`0: n_embd=64 lr=0.001`; none
+    for a setting it lacks), at most LABEL_WIDTH characters."""
     keys = differing_keys(curves)
     names = short_names(keys)
-    return [" ".join(f"{names[k]}={config_value(c, k)}" for k in keys) if c.config and keys else c.name
-            for c in curves]
+    result = []
+    for c, settings in zip(curves, compared_settings(curves)):
+        values = " ".join(f"{names[k]}={shown(settings, k)}" for k in keys if k in settings)
+        result.append(clipped(f"{c.name}: {values}" if values else c.name, LABEL_WIDTH))
+    return result
+
+
+def plain(text: str) -> str:
+    """`text` drawn as it is: a `$` would start matplotlib's mathematics (`${hydra:runtime.output_dir}`)."""
+    return text.replace("$", r"\$")
 
 
 def smooth(values: list[float]) -> list[float]:
@@ -250,12 +315,13 @@ def smooth(values: list[float]) -> list[float]:
 
 def loss_figure(curves: list[LossCurves], title: str) -> Figure:
     """Per-iteration training loss (faint: raw, solid: smoothed) and eval points (o: train, x: val),
-    one colour per run."""
-    fig = Figure(figsize=(10, 6))  # drawn by Agg, without pyplot: no window, no global figure state
+    one colour per run; the legend below the plot, so the plot keeps its size whatever the labels."""
+    # drawn by Agg, without pyplot: no window, no global figure state
+    fig = Figure(figsize=FIGURE_SIZE, dpi=FIGURE_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (c, label) in enumerate(zip(curves, labels(curves))):
+    for i, (c, label) in enumerate(zip(curves, map(plain, labels(curves)))):
         colour = colours[i % len(colours)]
         if c.iters.steps:
             ax.plot(c.iters.steps, c.iters.values, color=colour, alpha=0.25, linewidth=0.8)
@@ -268,17 +334,17 @@ def loss_figure(curves: list[LossCurves], title: str) -> Figure:
             label = None
     ax.plot([], [], "ko", markerfacecolor="none", label="eval: train loss")
     ax.plot([], [], "kx", label="eval: val loss")
-    ax.set(xlabel="iteration", ylabel="loss", title=title)
+    ax.set(xlabel="iteration", ylabel="loss", title=plain(clipped(title, TITLE_WIDTH)))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    fig.legend(loc="outside lower center", ncols=2, fontsize="small")
     return fig
 
 
 def plot_curves(curves: list[LossCurves], out: Path, title: str) -> Path:
     fig = loss_figure(curves, title)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120, bbox_inches="tight")
+    fig.savefig(out)  # FIGURE_SIZE at FIGURE_DPI: no `bbox_inches="tight"`, which grows the image with the legend
     return out
 
 
@@ -299,21 +365,27 @@ def check_output(out: Path) -> None:
                         "choose another path")
 
 
-def shorten(name: str, width: int = 32) -> str:
-    """Sweep job directories repeat every override in their names; the job number at the front is enough."""
-    return name if len(name) <= width else name[:width - 1] + "…"
-
-
 def sweep_table(curves: list[LossCurves]) -> str:
-    """Runs sorted by final val loss (runs with none last), with their final val bits per byte and the
-    hyperparameters that differ."""
+    """Runs sorted by final val loss (runs with none last), with their final val bits per byte and the settings
+    that differ, as many as fit TABLE_WIDTH characters (the others named below); cells of CELL_WIDTH at most."""
     keys = differing_keys(curves)
-    header = ["run", "val loss", "val bpb"] + list(short_names(keys).values())
-    ranked = sorted(curves, key=lambda c: (math.isnan(c.final_val_loss), c.final_val_loss))
-    rows = [[shorten(c.name), f"{c.final_val_loss:.4f}", f"{c.final_val_bpb:.4f}"] + [config_value(c, k) for k in keys]
-            for c in ranked]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
+    names = short_names(keys)
+    ranked = sorted(zip(curves, compared_settings(curves)), key=lambda r: (math.isnan(r[0].final_val_loss),
+                                                                         r[0].final_val_loss))
+    columns = [["run"] + [c.name for c, _ in ranked], ["val loss"] + [f"{c.final_val_loss:.4f}" for c, _ in ranked],
+               ["val bpb"] + [f"{c.final_val_bpb:.4f}" for c, _ in ranked]]
+    left_out = []
+    for key in keys:
+        column = [names[key]] + [shown(settings, key) for _, settings in ranked]
+        columns.append(column)
+        if sum(min(max(map(len, col)), CELL_WIDTH) + 2 for col in columns) - 2 > TABLE_WIDTH:
+            left_out.append(columns.pop()[0])
+    widths = [min(max(map(len, col)), CELL_WIDTH) for col in columns]
+    lines = ["  ".join(clipped(col[row], w).ljust(w) for col, w in zip(columns, widths)).rstrip()
+             for row in range(len(ranked) + 1)]
+    if left_out:
+        lines += textwrap.wrap(f"also differ: {', '.join(left_out)}", TABLE_WIDTH, subsequent_indent="  ")
+    return "\n".join(lines)
 
 
 def default_output(inputs: list[str]) -> Path:
