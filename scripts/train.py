@@ -13,7 +13,7 @@ with ctrl_c_held():
     from omegaconf import DictConfig
 
     from nanogpt_lightning.config import register_resolvers
-    from nanogpt_lightning.train.rundir import remove_run_dir_on_early_failure
+    from nanogpt_lightning.train.rundir import removed_unless_saved
     from nanogpt_lightning.train.settings import validate_train_config
     from nanogpt_lightning.train.sweeps import report_sweep_job
 
@@ -23,7 +23,6 @@ register_resolvers()  # before hydra.main composes the config
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @exit_on_user_error
 @report_sweep_job
-@remove_run_dir_on_early_failure
 def main(cfg: DictConfig) -> float:
     validate_train_config(cfg)  # a bad setting is refused before the seconds of loading PyTorch and Lightning
     with ctrl_c_held():
@@ -33,4 +32,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    with removed_unless_saved():  # a run that fails or is stopped before its first checkpoint leaves nothing
+        main()

@@ -3,6 +3,8 @@
 import errno
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import lightning as L
@@ -153,3 +155,27 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
                               "is whole; free some space or make the directory writable, then resume")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no partial file left
     assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+@pytest.mark.parametrize("signum, status, said", [
+    (signal.SIGINT, 130, "stopped by Ctrl+C before training began; nothing saved"),
+    (signal.SIGTERM, 143, "stopped by SIGTERM before training began; nothing saved"),
+])
+def test_a_run_stopped_before_training_leaves_no_run_directory(tmp_path, signum, status, said):
+    """Stopped the moment its run directory is locked (Hydra's start-up, then PyTorch's imports, follow):
+    before, `.lock` (and after a second `.hydra/` and `train.log`) stayed behind."""
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *RUN, f"hydra.run.dir={run}",
+                                f"data.data_dir={tmp_path / 'data'}"], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / ".lock").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == status, stderr
+    assert stderr.strip() == said
+    assert not run.exists()

@@ -70,16 +70,18 @@ def quiet_ctrl_c(message: str = "stopped by Ctrl+C before training began; nothin
 
 @contextlib.contextmanager
 def ctrl_c_held():
-    """Hold Ctrl+C until the block ends, then raise KeyboardInterrupt there.
+    """Hold Ctrl+C and SIGTERM until the block ends, then deliver them there (to the handlers before the block).
 
     For the seconds of importing PyTorch and Lightning: an interrupt raised inside an import leaves modules
     half-made (numpy and scipy then fail with unrelated errors, PyTorch's C++ start-up aborts the process).
     """
     received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    for signum in dict.fromkeys(received):
+        signal.raise_signal(signum)

@@ -6,10 +6,11 @@ refused directory costs a moment, not the seconds of loading PyTorch.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
-import functools
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -63,7 +64,8 @@ class RunDirCheck(HydraCallback):
     cannot be written, that holds another run, or in which another process is training now.
 
     The first process of a run holds an exclusive lock on `<run dir>/.lock` until it ends. Whether the
-    directory was made for this run is remembered: a run that fails before its first iteration removes it.
+    directory was made for this run is remembered: a run that fails before its first checkpoint removes it
+    (removed_unless_saved).
     """
 
     created: Path | None = None  # the run directory, when this process made it
@@ -102,18 +104,25 @@ def _exit_with_error(message: str) -> None:
     sys.exit(1)
 
 
-def remove_run_dir_on_early_failure(main):
-    """Decorate the task function: when it fails before the run wrote anything of its own (checkpoints,
-    curves), remove the run directory this process made for it, so a failed start leaves nothing behind."""
+def _stop_on_sigterm(signum, frame):
+    print("\nstopped by SIGTERM before training began; nothing saved", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
 
-    @functools.wraps(main)
-    def wrapper(cfg: DictConfig):
-        try:
-            return main(cfg)
-        except BaseException:
-            run_dir = RunDirCheck.created
-            if run_dir is not None and previous_run(run_dir) is None:
-                shutil.rmtree(run_dir, ignore_errors=True)
-            raise
 
-    return wrapper
+@contextlib.contextmanager
+def removed_unless_saved():
+    """Around a training script's run: when it ends in an error, Ctrl+C or SIGTERM before it wrote a checkpoint,
+    remove the run directory this process made for it (RunDirCheck), `.lock`, `.hydra/` and `train.log`
+    included, so the same command can run again. Until training takes SIGTERM (callbacks.GracefulInterrupt),
+    SIGTERM ends the script through here with status 143, as Ctrl+C does with 130 (errors.quiet_ctrl_c)."""
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        yield
+    except BaseException as stop:
+        run_dir = RunDirCheck.created
+        failed = not isinstance(stop, SystemExit) or stop.code not in (0, None)
+        if failed and run_dir is not None and not any((run_dir / "checkpoints").glob("*.ckpt")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
