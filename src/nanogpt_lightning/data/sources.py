@@ -102,10 +102,11 @@ def read_decoded(path: Path, hasher=None) -> Iterator[str]:
                 offset += len(block)
                 if text:
                     yield text
+            unfinished = len(decoder.getstate()[0])  # the bytes of a character cut off by the end
             try:
                 decoder.decode(b"", final=True)
-            except UnicodeDecodeError:
-                raise _not_utf8(path, offset) from None
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, offset - unfinished + err.start) from None
     except OSError as err:
         raise UserError(f"cannot read {path} ({err.strerror or err}); pass readable files") from None
 
