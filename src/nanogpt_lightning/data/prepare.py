@@ -245,7 +245,8 @@ def _encode_into(writer: ShardWriter, corpus: Corpus, tok: Tokenizer, num_proc: 
     in_flight = deque()
     try:
         with ThreadPoolExecutor(num_proc) as pool:
-            for index, (split, unit) in enumerate(units_of(corpus.pieces())):
+            # a unit is never more characters than a shard's tokens: small shards are cut near their size too
+            for index, (split, unit) in enumerate(units_of(corpus.pieces(), min(PIECE_CHARS, writer.shard_tokens))):
                 if index < skip:
                     continue
                 in_flight.append((split, unit, pool.submit(encode_unit, tok, unit)))
