@@ -1,13 +1,12 @@
 """Generate text from a checkpoint: `python scripts/sample.py ckpt=PATH [prompt=... num_samples=... ...]`."""
 
-import hydra
 from omegaconf import DictConfig
 
-from nanogpt_lightning.config import checked_settings, validate_sample_config
+from nanogpt_lightning.config import checked_settings, hydra_main, validate_sample_config
 from nanogpt_lightning.errors import exit_on_user_error
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+@hydra_main("sample")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     settings = checked_settings(cfg, validate_sample_config)  # resolved once, refused before PyTorch loads

@@ -9,10 +9,9 @@ from nanogpt_lightning.errors import ctrl_c_held, exit_on_user_error, quiet_ctrl
 quiet_ctrl_c()  # from here on: Ctrl+C before training is one line, not a traceback
 
 with ctrl_c_held():
-    import hydra
     from omegaconf import DictConfig
 
-    from nanogpt_lightning.config import register_resolvers
+    from nanogpt_lightning.config import hydra_main, register_resolvers
     from nanogpt_lightning.train.rundir import removed_unless_saved
     from nanogpt_lightning.train.settings import validate_train_config
     from nanogpt_lightning.train.sweeps import report_sweep_job
@@ -20,7 +19,7 @@ with ctrl_c_held():
 register_resolvers()  # before hydra.main composes the config
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra_main("train")
 @exit_on_user_error
 @report_sweep_job
 def main(cfg: DictConfig) -> float:

@@ -42,8 +42,19 @@ def write(path: Path, content: bytes) -> Path:
 # id: (the overrides, given the case directory; what the one error line must contain)
 CASES = {
     "missing input file": (lambda d: [f"data.input_file={d / 'nope.txt'}"],
-                           "data.input_file '{d}/nope.txt' does not exist or is not a file; pass a UTF-8 text file"),
-    "unknown config group option": (lambda d: ["model=gpt5"], None),
+                           "data.input_file={d}/nope.txt does not exist or names no file; pass a UTF-8 text file"),
+    "unknown config group option": (lambda d: ["model=gpt5"], "model=gpt5 is not an option of model; pass one of: "
+                                                              "gpt, modern"),
+    "a key the chosen optimizer lacks": (lambda d: ["optimizer.momentum=0.9"],
+                                         "optimizer.momentum is not a setting of the optimizer chosen, optimizer=muon "
+                                         "has it; pass optimizer=muon too, or drop optimizer.momentum"),
+    "a run directory from an unset variable": (
+        lambda d: ["hydra.run.dir=${oc.env:NANOGPT_UNSET}"],
+        "hydra.run.dir cannot be resolved (KeyError raised while resolving interpolation: \"Environment variable "
+        "'NANOGPT_UNSET' not found\"), got ${oc.env:NANOGPT_UNSET}; fix the interpolation or pass a value"),
+    "a checkpoint path from an unset variable": (
+        lambda d: ["ckpt_path=${oc.env:NANOGPT_UNSET}"],
+        "ckpt_path cannot be resolved (KeyError raised while resolving interpolation"),
     "n_embd not divisible by n_head": (lambda d: ["model.n_embd=30", "model.n_head=4"],
                                        "model.n_embd (30) must be divisible by model.n_head (4)"),
     "an optimizer key the chosen optimizer lacks": (  # e.g. Muon's, left by an experiment after optimizer=adamw
@@ -73,6 +84,10 @@ CASES = {
         "trainer.max_steps=2; pass a larger trainer.max_steps to train further"),
 }
 RESUME_CASES = ("truncated checkpoint", "a new run in a directory holding a run", "resume a finished run")
+# refused while the command line is read: the error line is all there is on stderr (before: Hydra's six lines,
+# a traceback, a two-line warning)
+COMMAND_LINE_CASES = ("unknown config group option", "a key the chosen optimizer lacks",
+                      "a run directory from an unset variable", "a checkpoint path from an unset variable")
 SKIPPED = {  # not run
     "unavailable accelerator": MISSING_ACCELERATOR is None,  # every device is here
 }
@@ -121,13 +136,42 @@ def test_bad_input_is_one_line_and_exit_1_and_loses_nothing(outcomes, name):
     assert before  # ... and there was something to touch
     assert not (case_dir / "run").exists()  # a run that never started leaves no run directory
     expected = CASES[name][1]
-    if expected is None:  # Hydra's own message for an unknown group option
-        assert "Could not find 'model/gpt5'" in stderr and "Available options in 'model'" in stderr
-        return
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, stderr
     assert stderr.rstrip().splitlines()[-1] == errors[0]  # the last word
     assert errors[0].startswith("error: " + expected.replace("{d}", str(case_dir))), stderr
+    if name in COMMAND_LINE_CASES:
+        assert stderr.strip() == errors[0]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["foo=1"], "foo is not a setting; check its spelling (`python scripts/{script} --cfg job` shows every setting), "
+                "or add a key of your own with +foo=1"),
+    (["optimizer=nope"], "optimizer=nope is not an option of optimizer; pass one of: adamw, muon"),
+    (["model.n_layer=[1"], "cannot read an override (no viable alternative at input '[1'); quote values holding "
+                           "spaces, commas or brackets"),
+    (["data.input_file=a b, c"], "data.input_file=a b, c: a comma makes it a list or a sweep; to pass it as text "
+                                 "quote it: \"data.input_file='a b, c'\" (a sweep needs -m)"),
+    (["hydra/launcher=slurm_gpu"], "hydra/launcher=slurm_gpu needs Hydra's submitit_slurm plugin, which is not "
+                                   "installed: pip install -e '.[slurm]'"),
+    (["hydra/launcher=submitit_slurm"], "hydra/launcher=submitit_slurm needs Hydra's submitit_slurm plugin"),
+])
+def test_a_command_line_hydra_cannot_apply_is_one_line(monkeypatch, tmp_path, overrides, message):
+    """What Hydra says in six to twelve lines (its search path, a tip about HYDRA_FULL_ERROR), as one line
+    (config.hydra_error_line); the launcher's plugin is removed as if its extra were not installed."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.plugins import Plugins
+
+    from nanogpt_lightning.errors import UserError
+    from nanogpt_lightning.train.settings import compose_train_config
+
+    Plugins.instance()  # the installed plugins put their configs into the ConfigStore
+    monkeypatch.delitem(ConfigStore.instance().repo["hydra"]["launcher"], "submitit_slurm.yaml")
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)
+    with pytest.raises(UserError) as err:
+        compose_train_config(overrides, output_dir=str(tmp_path))
+    assert str(err.value).startswith(message.format(script=Path(sys.argv[0]).name))
 
 
 def test_a_resume_with_a_changed_setting_or_on_other_data_is_refused(tmp_path):

@@ -9,18 +9,101 @@ model/config.py); this module imports neither (the base imports nothing above it
 
 from __future__ import annotations
 
+import functools
 import math
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from nanogpt_lightning.console import say
 from nanogpt_lightning.errors import UserError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
+
+
+# Hydra's plugins, by the config options they add, and the extra of pyproject.toml that installs each
+PLUGIN_EXTRAS = {"submitit_slurm": "slurm", "submitit_local": "slurm", "joblib": "sweeps", "optuna": "sweeps"}
+
+
+def _options_holding(key: str) -> list[str]:
+    """The options of the config group that `key` starts with whose file sets the rest of it, e.g.
+    `optimizer=muon` for `optimizer.momentum`."""
+    group, _, rest = key.partition(".")
+    files = sorted(Path(CONF_DIR, group).glob("*.yaml")) if rest else []
+    return [f"{group}={path.stem}" for path in files if OmegaConf.select(OmegaConf.load(path), rest) is not None]
+
+
+def hydra_error_line(err: Exception) -> str:
+    """Hydra's error about the command line (an override it cannot apply, an option its group lacks, a
+    launcher or sweeper whose plugin is not installed), in one line that says what to do; Hydra prints
+    six to twelve lines, with its search path and a tip about HYDRA_FULL_ERROR."""
+    text = str(err)
+    first = (text.splitlines() or [""])[0]
+    script = f"python scripts/{Path(sys.argv[0]).name}"
+    if match := re.match(r"Could not override '(.+)'\.", first):
+        key = match.group(1)
+        holders = _options_holding(key)
+        if holders:
+            return (f"{key} is not a setting of the {key.partition('.')[0]} chosen, {' and '.join(holders)} has it; "
+                    f"pass {holders[0]} too, or drop {key}")
+        append = re.search(r"use (\+\S+)", text)
+        return (f"{key} is not a setting; check its spelling (`{script} --cfg job` shows every setting), or add a "
+                f"key of your own with {append.group(1) if append else '+' + key}")
+    if match := re.search(r"In '(.+)': Could not (?:find|load) '(.+)/([^/']+)'", first):
+        including, group, name = match.groups()
+        if name in PLUGIN_EXTRAS:
+            chosen = including.rpartition("/")[2] if including.startswith(group) else name
+            return (f"{group}={chosen} needs Hydra's {name} plugin, which is not installed: "
+                    f"pip install -e '.[{PLUGIN_EXTRAS[name]}]'")
+        options = re.findall(r"^\t(\S+)$", text.partition("Config search path")[0], re.M)
+        return f"{group}={name} is not an option of {group}; pass one of: {', '.join(options)}"
+    if match := re.match(r"Ambiguous value for argument '(.+?)=(.*)'", first):
+        key, value = match.groups()
+        return (f"{key}={value}: a comma makes it a list or a sweep; to pass it as text quote it: "
+                f"\"{key}='{value}'\" (a sweep needs -m)")
+    if isinstance(err, OverrideParseException):
+        return (f"cannot read an override ({first}); quote values holding spaces, commas or brackets: "
+                "\"key='a value'\" (https://hydra.cc/docs/advanced/override_grammar/basic/)")
+    return first
+
+
+def hydra_main(config_name: str):
+    """hydra.main for the scripts (conf/`config_name`.yaml): Hydra's errors about the command line are one line
+    (hydra_error_line) and exit status 1."""
+    from hydra._internal import utils as hydra_utils  # private: where Hydra prints its errors, in many lines
+
+    def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        hydra_task = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(task)
+        report = hydra_utils.run_and_report
+
+        def run_and_report(func):
+            def one_line():
+                try:
+                    return func()
+                except (ConfigCompositionException, OverrideParseException) as err:
+                    say(f"error: {hydra_error_line(err)}", file=sys.stderr)
+                    sys.exit(1)
+            return report(one_line)
+
+        @functools.wraps(task)
+        def main():
+            hydra_utils.run_and_report = run_and_report
+            try:
+                return hydra_task()
+            finally:
+                hydra_utils.run_and_report = report
+
+        return main
+
+    return decorate
 
 
 def register_resolvers() -> None:

@@ -17,8 +17,10 @@ from pathlib import Path
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig
 
+from nanogpt_lightning.config import check_settings, text
 from nanogpt_lightning.console import say
 from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.train.settings import TRAIN_RULES
 
 
 def _unwritable_reason(directory: Path) -> str | None:
@@ -71,18 +73,24 @@ class RunDirCheck(HydraCallback):
     created: Path | None = None  # the run directory, when this process made it
     _lock = None  # the open lock file, held until the process ends
 
-    def _check_writable(self, key: str, directory: Path) -> None:
+    def _checked_dir(self, config: DictConfig, key: str) -> Path:
+        """The directory `key` names, refused in one line unless it resolves and can be written."""
+        try:
+            directory = Path(check_settings(config, {key: text("DIR")})[key]).expanduser().absolute()
+        except UserError as err:  # e.g. ${oc.env:UNSET}: Hydra would warn, then fail in its own traceback
+            _exit_with_error(str(err))
         reason = _unwritable_reason(directory)
         if reason is not None:
             _exit_with_error(f"cannot write the run directory {directory} ({reason}); pass a writable {key}=DIR")
+        return directory
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        run_dir = Path(config.hydra.run.dir).expanduser().absolute()
-        self._check_writable("hydra.run.dir", run_dir)
+        run_dir = self._checked_dir(config, "hydra.run.dir")
         if not is_first_process():
             return
         try:
-            check_fresh_run_dir(run_dir, config.get("ckpt_path"), "hydra.run.dir")
+            ckpt_path = check_settings(config, {"ckpt_path": TRAIN_RULES["ckpt_path"]}).get("ckpt_path")
+            check_fresh_run_dir(run_dir, ckpt_path, "hydra.run.dir")
         except UserError as err:
             _exit_with_error(str(err))
         if not run_dir.exists():
@@ -96,7 +104,7 @@ class RunDirCheck(HydraCallback):
                              "or pass another hydra.run.dir=DIR")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self._check_writable("hydra.sweep.dir", Path(config.hydra.sweep.dir).expanduser().absolute())
+        self._checked_dir(config, "hydra.sweep.dir")
 
 
 def _exit_with_error(message: str) -> None:

@@ -28,6 +28,7 @@ from nanogpt_lightning.config import (
     Rule,
     check_settings,
     choice,
+    hydra_error_line,
     integer,
     number,
     one_of,
@@ -170,7 +171,7 @@ def compose_train_config(overrides: list[str], output_dir: str | None = None) ->
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name="train", overrides=overrides, return_hydra_config=output_dir is not None)
     except HydraException as err:
-        raise UserError(str(err).splitlines()[0]) from None
+        raise UserError(hydra_error_line(err)) from None
     if output_dir is not None:
         HydraConfig.instance().set_config(cfg)
     validate_train_config(cfg)
