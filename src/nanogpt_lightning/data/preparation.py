@@ -10,6 +10,7 @@ import shlex
 from pathlib import Path
 
 from nanogpt_lightning.data.hf import HFDataset
+from nanogpt_lightning.data.nanogpt import nanogpt_data
 from nanogpt_lightning.data.prepare import (
     TINY_SHAKESPEARE_URL,
     damage,
@@ -34,7 +35,8 @@ class Preparation:
                  url: str | None = TINY_SHAKESPEARE_URL, cache_dir: str | None = None, block_size: int = 64,
                  val_fraction: float = 0.1, text_field: str = "text", num_proc: int | None = None,
                  shard_tokens: int = SHARD_TOKENS, sha256: str | None = None, dataset: str | None = None,
-                 subset: str | None = None, split: str = "train", revision: str | None = None):
+                 subset: str | None = None, split: str = "train", revision: str | None = None,
+                 nanogpt_dir: str | None = None):
         self.data_dir = Path(data_dir)
         self.tokenizer = tokenizer
         self.input_file = Path(input_file).expanduser() if input_file else None
@@ -47,15 +49,18 @@ class Preparation:
         self.shard_tokens = shard_tokens
         self.sha256 = sha256
         self.dataset = {"dataset": dataset, "subset": subset, "split": split, "revision": revision}
+        self.nanogpt_dir = Path(nanogpt_dir).expanduser() if nanogpt_dir else None
         self._source: Source | None = None
         self._corpus: Corpus | None = None
         self._meta: dict | None = None
 
     def _identify(self) -> Source:
         if self._source is None:
-            if self.dataset["dataset"]:
+            if self.nanogpt_dir is not None:  # used as it is: its meta is known at once
+                self._source, self._meta = nanogpt_data(self.nanogpt_dir, self._cache())
+            elif self.dataset["dataset"]:
                 self._corpus = HFDataset(**self.dataset, text_field=self.text_field, val_fraction=self.val_fraction,
-                                         cache=FileInfoCache(self.cache_dir / "file-info.json"))
+                                         cache=self._cache())
                 self._source = self._corpus.source
             elif self.input_file is not None:
                 self._corpus = open_files(str(self.input_file), self.val_fraction, self.text_field, self.cache_dir)
@@ -66,6 +71,9 @@ class Preparation:
                 raise UserError("no data: pass a text file with data.input_file=PATH")
         return self._source
 
+    def _cache(self) -> FileInfoCache:
+        return FileInfoCache(self.cache_dir / "file-info.json")
+
     def _open_corpus(self) -> Corpus:
         """The corpus, to write its data: the local files as they were when found, or the text at the URL."""
         if self._corpus is None:
@@ -75,13 +83,18 @@ class Preparation:
 
     def prepare_data(self, force: bool = False) -> None:
         """Prepare the data unless it is there and whole; `force` rebuilds it anyway (atomically, going on
-        from the whole shards of an interrupted preparation)."""
+        from the whole shards of an interrupted preparation). A nanoGPT folder is only checked."""
+        if self.nanogpt_dir is not None:
+            self._identify()
+            return
         prepare(self.data_dir, self._identify(), self._open_corpus, self.tokenizer, self.val_fraction,
                 self.block_size, force, self.num_proc, self.shard_tokens)
 
     @property
     def prepared_dir(self) -> Path:
-        """The directory of this data under `data_dir` (there or not)."""
+        """The directory of this data under `data_dir` (there or not); a nanoGPT folder is its own."""
+        if self.nanogpt_dir is not None:
+            return self.nanogpt_dir
         return self.data_dir / self._identify().dir_name(self.tokenizer, self.val_fraction)
 
     def prepare_command(self) -> str:
@@ -96,6 +109,7 @@ class Preparation:
     def _checked_dir(self) -> Path:
         """`prepared_dir`, refused in one line unless whole; checked once, its meta.json then kept."""
         directory = self.prepared_dir
+        self._identify()
         if self._meta is None:
             wrong = damage(directory, self._source, self.tokenizer, self.val_fraction)
             if wrong == "missing":

@@ -401,5 +401,5 @@ def describe_data(identity: dict) -> str:
     source = identity["source"]
     name = PurePosixPath(urlparse(source).path).name if "://" in source else Path(source).name
     sha = f"sha256 {identity['source_sha256'][:12]}..., " if identity["source_sha256"] else ""
-    return (f"{name} ({sha}{identity['source_bytes']:,} bytes), "
-            f"{identity['tokenizer']} tokenizer, {identity['val_fraction'] * 100:g}% val")
+    val = "its own val split" if identity["val_fraction"] is None else f"{identity['val_fraction'] * 100:g}% val"
+    return f"{name} ({sha}{identity['source_bytes']:,} bytes), {identity['tokenizer']} tokenizer, {val}"
