@@ -1,4 +1,5 @@
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -426,3 +427,29 @@ def test_text_shorter_than_one_block(tmp_path):
     with pytest.raises(UserError, match="data.block_size=32"):
         dm.prepare_data()  # refused before any bin is written
     assert not (tmp_path / "bins").exists()
+
+
+def test_a_url_with_its_sha256_finds_the_data_of_a_local_copy_and_checks_a_download(tmp_path, serve_url):
+    """data=shakespeare_char names tiny-shakespeare's SHA-256: data prepared from a local copy serves it offline."""
+    sha256 = data_module.sha256_of(SONNETS.read_bytes())
+    local = make_datamodule(tmp_path)
+    local.prepare_data()
+    by_url = make_datamodule(tmp_path, input_file=None, url=URL, sha256=sha256, cache_dir=str(tmp_path / "cache"))
+    by_url.prepare_data()
+    assert by_url.prepared_dir == local.prepared_dir and serve_url.downloads == 0
+    serve_url.body = b"something else entirely " * 200
+    wrong = make_datamodule(tmp_path, input_file=None, url=URL, sha256=sha256, cache_dir=str(tmp_path / "cache"),
+                            data_dir=str(tmp_path / "elsewhere"))
+    with pytest.raises(UserError, match=rf"has SHA-256 \w+, not the expected {sha256} \(data.sha256\); pass a good "
+                                        "local copy with data.input_file=PATH"):
+        wrong.prepare_data()
+    assert not (tmp_path / "cache" / "input.txt").exists()
+
+
+def test_progress_is_whole_lines_when_stdout_is_not_a_terminal(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data_module, "PROGRESS_EVERY_S", 0.0)
+    make_datamodule(tmp_path, tokenizer="gpt2", shard_tokens=100).prepare_data()
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"preparing: \d+ MB of 0 MB \(\d+%\), \d\d:\d\d:\d\d left, 0 documents, [\d,]+ tokens, "
+                        r"[\d.]+ MB/s", lines[0]), lines[0]
+    assert lines[-3:-1] == ["train has 727 tokens", "val has 81 tokens"]
