@@ -279,6 +279,9 @@ def quiet_lightning(verbose: bool) -> None:
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # resuming into another run directory: the run says "resumed from iteration N of RUN" instead
     warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+    # on a machine with SLURM's tools, outside a SLURM job: a hint for those who meant to start under srun
+    # (docs/scaling.md shows how); a run under srun or the submitit launcher never sees it
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
 
 
 def train(cfg: DictConfig) -> float:

@@ -9,6 +9,8 @@ is its rule's. Torch-free: the scripts import this to refuse a bad setting in a 
 
 from __future__ import annotations
 
+from string import hexdigits as HEX_DIGITS
+
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
@@ -57,7 +59,18 @@ def train_rules(model_config: type = GPTConfig) -> dict[str, Rule]:
         "data.cache_dir": text("DIR", nullable=True),
         "data.data_dir": text("DIR"),
         "data.tokenizer": choice("char", "gpt2"),
+        "data.sha256": Rule("a SHA-256 (64 hexadecimal digits)", "'" + "0" * 64 + "'",
+                            lambda v: isinstance(v, str) and len(v) == 64 and all(c in HEX_DIGITS for c in v.lower()),
+                            nullable=True),
         "data.val_fraction": number("0.1", below=1),
+        "data.text_field": text("text"),
+        "data.num_proc": integer(1, nullable=True, unit="threads"),
+        "data.shard_tokens": integer(1, unit="tokens", example="100000000"),
+        "data.dataset": text("HuggingFaceFW/fineweb-edu", nullable=True),
+        "data.subset": text("sample-10BT", nullable=True),
+        "data.split": text("train"),
+        "data.revision": text("main", nullable=True),
+        "data.nanogpt_dir": text("DIR", nullable=True),
         "data.block_size": POSITIVE_INT,  # the model's block_size (GPTConfig's from_data field)
         "data.batch_size": POSITIVE_INT,
         "data.num_workers": integer(0),
