@@ -19,7 +19,7 @@ TINY_RUN = [
     "eval_iters=2",
 ]
 # the lines a run prints (nanoGPT's)
-ITER_LINE = re.compile(r"^iter (\d+): loss (\d+\.\d{4}), time (\d+\.\d{2})ms$", re.M)
+ITER_LINE = re.compile(r"^iter (\d+): loss (\d+\.\d{4}), time (\d+\.\d{2})ms, mfu \d+\.\d{2}%$", re.M)
 STEP_LINE = re.compile(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4}), val bpb (\d+\.\d{4})$", re.M)
 
 

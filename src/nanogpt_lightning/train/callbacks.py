@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from nanogpt_lightning.console import print_line
 from nanogpt_lightning.data.prepare import describe_data
 from nanogpt_lightning.errors import TrainingInterrupted
+from nanogpt_lightning.flops import peak_flops
 from nanogpt_lightning.metrics import EVAL_BPB_TAGS, EVAL_LOSS_TAGS, ITER_LOSS_TAG
 from nanogpt_lightning.plotting import plot_curves, run_curves
 from nanogpt_lightning.train.checkpoint_io import AtomicCheckpointIO
@@ -48,11 +49,13 @@ class IterationCallback(L.Callback):
 
 
 class IterationLogger(IterationCallback):
-    """Every `log_interval` iterations (optimizer steps): `iter N: loss X.XXXX, time Y.YYms`.
+    """Every `log_interval` iterations (optimizer steps): `iter N: loss X.XXXX, time Y.YYms, mfu Z.ZZ%`.
 
     The loss is the mean over the iteration's micro-batches; the time is the mean wall time per
-    iteration since the last line, evaluation excluded. Loss, time, tokens per second and learning
-    rate also go to the loggers. After each evaluation: `step N: train loss X.XXXX, val loss Y.YYYY,
+    iteration since the last line, evaluation excluded; mfu (nanoGPT's model FLOPs utilisation) is the
+    model's FLOPs for this process's tokens in that time (GPT.flops_per_token) against the device's peak
+    (flops.peak_flops, named once before the first line). Loss, time, tokens per second, mfu (in %) and
+    learning rate also go to the loggers. After each evaluation: `step N: train loss X.XXXX, val loss Y.YYYY,
     val bpb Z.ZZZZ` (bits per byte), losses and bits per byte of both splits also logged at step N.
     The loss is read from the device only on logged iterations, so other steps never wait for it.
     """
@@ -68,6 +71,9 @@ class IterationLogger(IterationCallback):
     def on_train_start(self, trainer, pl_module):
         super().on_train_start(trainer, pl_module)
         self._iteration_loss = None
+        self._flops_per_token = pl_module.model.flops_per_token()
+        self._peak, source = peak_flops(pl_module.device, trainer.precision)
+        self._peak_note = f"mfu: the model's flops per second against {source} ({self._peak / 1e12:.3g} TFLOP/s)"
         self._start_window(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -85,11 +91,16 @@ class IterationLogger(IterationCallback):
         seconds = perf_counter() - self._window_start
         ms_per_iter = 1000 * seconds / (step - self._window_first_step)
         loss = iteration_loss.item()
-        print_line(trainer, f"iter {step}: loss {loss:.4f}, time {ms_per_iter:.2f}ms")
+        mfu = 100 * self._flops_per_token * self._window_tokens / seconds / self._peak
+        if self._peak_note:
+            print_line(trainer, self._peak_note)
+            self._peak_note = None
+        print_line(trainer, f"iter {step}: loss {loss:.4f}, time {ms_per_iter:.2f}ms, mfu {mfu:.2f}%")
         metrics = {
             ITER_LOSS_TAG: loss,
             "perf/ms_per_iter": ms_per_iter,
             "perf/tokens_per_sec": self._window_tokens * trainer.world_size / seconds,
+            "perf/mfu": mfu,
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
         }
         for logger in trainer.loggers:

@@ -1,5 +1,5 @@
-"""Measuring: waiting for the device before reading the time, the matmul bursts' size and FLOPs, and the
-peak memory of training iterations."""
+"""Measuring: the matmul bursts' size and FLOPs, and the peak memory of training iterations (waiting for the
+device before reading the time: flops.synchronize, shared with the iteration lines' MFU)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from nanogpt_lightning.flops import square_matmul_flops
 
 MATMULS_PER_TURN = 5
 
@@ -18,14 +20,7 @@ def matmul_size(device: torch.device) -> int:
 
 def matmul_flops(device: torch.device) -> float:
     """FLOPs of one burst of MATMULS_PER_TURN square matmuls."""
-    return MATMULS_PER_TURN * 2 * matmul_size(device) ** 3
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
+    return MATMULS_PER_TURN * square_matmul_flops(matmul_size(device))
 
 
 class TrainingMemory:

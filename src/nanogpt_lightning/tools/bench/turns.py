@@ -9,7 +9,8 @@ from time import perf_counter
 import numpy as np
 import torch
 
-from nanogpt_lightning.tools.bench.measure import TrainingMemory, synchronize
+from nanogpt_lightning.flops import synchronize
+from nanogpt_lightning.tools.bench.measure import TrainingMemory
 
 
 class Turns:
