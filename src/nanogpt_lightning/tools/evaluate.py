@@ -21,6 +21,7 @@ from typing import TextIO
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from nanogpt_lightning.data.prepare import TOKEN_DTYPE, Source, damage, describe_data, identity_of, prepare_command
 from nanogpt_lightning.data.tokenizer import Tokenizer, UnknownCharactersError
@@ -52,25 +53,32 @@ def token_bytes(tokenizer: Tokenizer, ids: np.ndarray) -> int:
 
 @torch.no_grad()
 def loss_sum(model: GPT, tokens: np.ndarray, batch_size: int) -> float:
-    """The summed loss of every token after the first, over the windows the module docstring describes."""
+    """The summed loss of every token after the first, over the windows the module docstring describes.
+
+    A pass over a large split takes minutes: on a terminal, a progress bar (on stderr, gone when done); a log
+    file or a pipe gets no bar, only the result lines."""
     block = model.config.block_size
     device = next(model.parameters()).device
     n_predicted = len(tokens) - 1
     n_full = n_predicted // block
     total = 0.0
+    bar = tqdm(total=n_predicted, desc="evaluating", unit="token", unit_scale=True, leave=False,
+               disable=not sys.stderr.isatty())
 
     def add(windows: np.ndarray) -> None:
         nonlocal total
         batch = torch.from_numpy(windows.astype(np.int64)).to(device)
         _, loss = model(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())
         total += loss.double().item() * (batch.size(0) * (batch.size(1) - 1))
+        bar.update(batch.size(0) * (batch.size(1) - 1))
 
     offsets = np.arange(block + 1)
-    for first in range(0, n_full, batch_size):
-        starts = np.arange(first, min(first + batch_size, n_full)) * block
-        add(tokens[starts[:, None] + offsets])
-    if n_predicted % block:
-        add(np.asarray(tokens[n_full * block:])[None, :])
+    with bar:
+        for first in range(0, n_full, batch_size):
+            starts = np.arange(first, min(first + batch_size, n_full)) * block
+            add(tokens[starts[:, None] + offsets])
+        if n_predicted % block:
+            add(np.asarray(tokens[n_full * block:])[None, :])
     return total
 
 
