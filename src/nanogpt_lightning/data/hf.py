@@ -98,7 +98,12 @@ class HFDataset(Corpus):
                     if text:
                         yield from document_pieces(split, iter([text]))
             return
-        total = len(train) if hasattr(train, "__len__") else train.info.splits[self.split].num_examples
+        total = len(train) if hasattr(train, "__len__") else getattr(
+            (train.info.splits or {}).get(self.split), "num_examples", None)
+        if not total:
+            raise UserError(f"the dataset {self.dataset} does not say how many examples its split {self.split!r} "
+                            "has, so its last data.val_fraction cannot be found; save it with save_to_disk and pass "
+                            "data.dataset=PATH")
         n_train = int(total * (1 - self.val_fraction))
         for index, text in enumerate(self._texts(train, named)):
             if text:
