@@ -151,6 +151,7 @@ def test_gpt2_124m_recipe_is_nanogpts_train_gpt2():
     assert (cfg.trainer.max_steps, cfg.scheduler.lr_decay_iters, cfg.scheduler.warmup_iters) == (600_000, 600_000, 2000)
     assert (cfg.optimizer.lr, cfg.scheduler.min_lr) == (6e-4, 6e-5)
     assert (cfg.eval_interval, cfg.eval_iters, cfg.model.compile, cfg.trainer.precision) == (1000, 200, True, "auto")
+    assert (cfg.data.dataset, cfg.data.val_fraction) == ("Skylion007/openwebtext", 0.0005)
 
 
 class WhatRan(L.Callback):
