@@ -154,6 +154,17 @@ def test_gpt2_124m_recipe_is_nanogpts_train_gpt2():
     assert (cfg.data.dataset, cfg.data.val_fraction) == ("Skylion007/openwebtext", 0.0005)
 
 
+def test_shakespeare_char_recipe_is_nanogpts_train_shakespeare_char():
+    cfg = compose_train_config(["experiment=shakespeare_char"])
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.dropout, cfg.model.bias) == (
+        6, 6, 384, 0.2, False)
+    assert (cfg.data.block_size, cfg.data.batch_size, cfg.trainer.accumulate_grad_batches) == (256, 64, 1)
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, list(cfg.optimizer.betas)) == (1e-3, 0.1, [0.9, 0.99])
+    assert (cfg.trainer.max_steps, cfg.scheduler.lr_decay_iters, cfg.scheduler.warmup_iters, cfg.scheduler.min_lr) == (
+        5000, 5000, 100, 1e-4)
+    assert (cfg.eval_interval, cfg.eval_iters, cfg.log_interval, cfg.data.tokenizer) == (250, 200, 10, "char")
+
+
 class WhatRan(L.Callback):
     """Each iteration's micro-batches, and its gradient norm before clipping (on_before_optimizer_step comes
     before it) and after (the gradients the update used, still there when its last micro-batch ends)."""
