@@ -7,7 +7,7 @@ import sys
 from nanogpt_lightning.errors import exit_on_user_error, quiet_ctrl_c
 
 # a preparation keeps its whole shards (data/shards.py); it said so already when it had some
-quiet_ctrl_c("stopped by Ctrl+C; no prepared data was changed")
+quiet_ctrl_c("stopped by Ctrl+C; no finished prepared data was changed")
 
 from nanogpt_lightning.data.preparation import preparation_from_settings  # noqa: E402
 from nanogpt_lightning.train.settings import compose_train_config  # noqa: E402
