@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import SONNETS
-from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.errors import UserError, naming
 from nanogpt_lightning.model.config import GPTConfig
 from nanogpt_lightning.train.checkpoints import (
     CHECKPOINT_KEY,
@@ -18,11 +18,11 @@ from nanogpt_lightning.train.checkpoints import (
 
 def test_reading_refuses_files_that_are_not_our_checkpoints(tmp_path):
     with pytest.raises(UserError, match=f"cannot read checkpoint {SONNETS}, it is truncated or not a checkpoint"):
-        read_checkpoint(SONNETS, key="ckpt_path")
+        read_checkpoint(SONNETS)
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {"weight": torch.zeros(2)}}, foreign)
-    with pytest.raises(UserError, match="not a nanogpt_lightning checkpoint; pass ckpt_path="):
-        read_checkpoint(foreign, key="ckpt_path")
+    with pytest.raises(UserError, match="not a nanogpt_lightning checkpoint; pass ckpt_path="), naming(key="ckpt_path"):
+        read_checkpoint(foreign)
 
 
 def test_a_run_directory_means_its_last_checkpoint_or_says_what_it_holds(tmp_path):
@@ -32,11 +32,12 @@ def test_a_run_directory_means_its_last_checkpoint_or_says_what_it_holds(tmp_pat
     (checkpoints / ".last.ckpt.123.partial").write_bytes(b"")  # a save that never finished
     with pytest.raises(UserError, match=f"no last.ckpt in {tmp_path / 'run'}/checkpoints or {tmp_path / 'run'}; "
                                         f"it holds best.ckpt: pass ckpt_path={checkpoints / 'best.ckpt'}"):
-        resolve_checkpoint(tmp_path / "run", key="ckpt_path")
+        with naming(key="ckpt_path"):
+            resolve_checkpoint(tmp_path / "run")
     (checkpoints / "last.ckpt").write_bytes(b"")
-    assert resolve_checkpoint(tmp_path / "run", key="ckpt_path") == checkpoints / "last.ckpt"
-    with pytest.raises(UserError, match="does not exist; pass ckpt_path=FILE.ckpt"):
-        resolve_checkpoint(tmp_path / "missing.ckpt", key="ckpt_path")
+    assert resolve_checkpoint(tmp_path / "run") == checkpoints / "last.ckpt"
+    with pytest.raises(UserError, match="does not exist; pass ckpt_path=FILE.ckpt"), naming(key="ckpt_path"):
+        resolve_checkpoint(tmp_path / "missing.ckpt")
 
 
 def saved(**record) -> dict:

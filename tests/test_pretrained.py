@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from helpers import ROOT, SONNETS
 from nanogpt_lightning.data.tokenizer import GPT2Tokenizer
-from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.errors import UserError, naming
 from nanogpt_lightning.model import gpt2
 from nanogpt_lightning.model.config import GPTConfig
 from nanogpt_lightning.model.gpt import GPT
@@ -51,7 +51,7 @@ def hf_logits(model, idx: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("fused_loss", [True, False])
 def test_init_from_a_directory_gives_transformers_logits_and_loss(hf_model, fused_loss):
     directory, hf = hf_model
-    weights = checkpoints.read_pretrained(str(directory), "model.init_from")
+    weights = checkpoints.read_pretrained(str(directory))
     config = gpt2.gpt_config(weights.hf_config, "model.init_from", block_size=16, fused_loss=fused_loss)
     assert (config.n_layer, config.n_embd, config.bias, config.mlp, config.block_size) == (2, 16, True, "gelu_tanh", 16)
     model = gpt2.load_weights(GPT(config), weights.tensors, "model.init_from").eval()
@@ -203,12 +203,13 @@ def test_init_from_refusals_are_one_line(hf_model, monkeypatch, tmp_path):
     with pytest.raises(UserError, match=f"data.block_size=64 is larger than the {N_POSITIONS} positions"):
         checkpoints.init_from(str(directory), {"kind": "gpt2"}, 64, {})
     with pytest.raises(UserError, match="is neither a directory nor one of gpt2, gpt2-medium"):
-        checkpoints.locate("gpt3", "model.init_from")
+        checkpoints.locate("gpt3")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # not cached, and no network
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(UserError, match="not in the Hugging Face cache .* `hf download gpt2 config.json "
                                         "model.safetensors`.* or pass model.init_from=DIR") as refused:
-        checkpoints.locate("gpt2", "model.init_from")
+        with naming(key="model.init_from"):
+            checkpoints.locate("gpt2")
     assert "\n" not in str(refused.value)
 
 

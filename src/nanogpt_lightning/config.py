@@ -251,16 +251,17 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
-_ABSENT, _MISSING = object(), object()
+ABSENT = object()  # a key the config lacks (None is a value a key holds): _value's answer, OmegaConf.select's default
+_MISSING = object()
 
 
 def _value(cfg: DictConfig, key: str) -> Any:
-    """The resolved plain value at `key`; _MISSING for `???`; _ABSENT when the config has no such key, or
+    """The resolved plain value at `key`; _MISSING for `???`; ABSENT when the config has no such key, or
     the value only resolves inside a Hydra run (`${hydra:...}` with no Hydra config set)."""
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
     if not isinstance(parent, DictConfig) or leaf not in parent.keys():
-        return _ABSENT
+        return ABSENT
     if OmegaConf.is_missing(parent, leaf):
         return _MISSING
     try:
@@ -268,7 +269,7 @@ def _value(cfg: DictConfig, key: str) -> Any:
     except OmegaConfBaseException as err:
         raw = OmegaConf.to_container(parent, resolve=False)[leaf]
         if "${hydra:" in str(raw) and not HydraConfig.initialized():
-            return _ABSENT
+            return ABSENT
         raise UserError(f"{key} cannot be resolved ({str(err).splitlines()[0]}), got {raw}; "
                         f"fix the interpolation or pass a value") from None
     if isinstance(value, (DictConfig, ListConfig)):  # e.g. a callback's node: its own keys are checked one by one
@@ -292,7 +293,7 @@ def check_settings(cfg: DictConfig, rules: dict[str, Rule]) -> dict[str, Any]:
     values = {}
     for key, rule in rules.items():
         value = _value(cfg, key)
-        if value is _ABSENT:
+        if value is ABSENT:
             continue
         if value is _MISSING:
             raise UserError(f"{key} must be set, got ???; pass {key}={rule.example}")

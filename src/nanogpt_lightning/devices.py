@@ -7,7 +7,7 @@ import shutil
 
 import torch
 
-from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.errors import SettingError
 
 PREFERENCE = ("cuda", "mps", "cpu")  # best first: what `auto` picks, as Lightning's accelerator=auto does
 NAMES = ("auto", "gpu", *PREFERENCE)
@@ -19,19 +19,20 @@ def available_devices() -> list[str]:
     return [name for name in PREFERENCE if present[name]]
 
 
-def pick_device(name: str, key: str) -> torch.device:
+def pick_device(name: str) -> torch.device:
     """The device `name` stands for: `auto` the best present, `gpu` cuda or mps, else the named one.
 
-    `key` is the setting the name came from (`device`, `trainer.accelerator`), for the error messages.
+    Its errors name the setting `device` (sampling's, evaluation's); training names trainer.accelerator (naming).
     """
     if name not in NAMES:
-        raise UserError(f"{key} must be one of {', '.join(NAMES)}, got {name!r}")
+        raise SettingError(lambda key="device": f"{key} must be one of {', '.join(NAMES)}, got {name!r}")
     available = available_devices()
     wanted = {"auto": available, "gpu": [d for d in available if d != "cpu"]}.get(name, [name])
     chosen = next((d for d in wanted if d in available), None)
     if chosen is None:
         listed = ["cpu", *available[:-1]]  # what every machine has first, then the rest best first
-        raise UserError(f"{key}={name} is not available here; available: {', '.join(listed)} (or {key}=auto)")
+        raise SettingError(lambda key="device": f"{key}={name} is not available here; available: "
+                           f"{', '.join(listed)} (or {key}=auto)")
     return torch.device(chosen)
 
 
@@ -76,20 +77,26 @@ def autocast_for(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def check_precision(precision: str, device: torch.device, key: str) -> None:
-    """Refuse a precision the device lacks, in one line (Lightning would quietly swap 16-mixed for bf16 on cpu)."""
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision the device lacks, in one line (Lightning would quietly swap 16-mixed for bf16 on cpu).
+
+    Its errors name sample.py's setting `precision`; training and bench name theirs (naming)."""
     if precision in ("16-mixed", "16") and device.type == "cpu":
-        raise UserError(f"{key}={precision} (float16 with loss scaling) needs cuda or mps; "
-                        f"on cpu pass {key}=bf16-mixed or {key}=auto")
+        raise SettingError(lambda key="precision": f"{key}={precision} (float16 with loss scaling) needs cuda or "
+                           f"mps; on cpu pass {key}=bf16-mixed or {key}=auto")
     if precision in ("bf16-mixed", "bf16") and device.type == "mps" and not mps_has_bfloat16():
-        raise UserError(f"{key}={precision} needs macOS 14 or newer on mps; pass {key}=16-mixed or {key}=32-true")
+        raise SettingError(lambda key="precision": f"{key}={precision} needs macOS 14 or newer on mps; "
+                           f"pass {key}=16-mixed or {key}=32-true")
 
 
-def check_compile(device: torch.device, asked_by: str = "model.compile=true",
-                  switch_off: str = "model.compile=false") -> None:
-    """Refuse torch.compile in one line where it cannot work, instead of failing at the first iteration."""
+def check_compile(device: torch.device) -> None:
+    """Refuse torch.compile in one line where it cannot work, instead of failing at the first iteration.
+
+    Its errors say how training asks for it and switches it off; bench names its flags (naming)."""
     if not torch._dynamo.is_dynamo_supported():
-        raise UserError(f"{asked_by}: torch.compile does not support this Python or platform; pass {switch_off}")
+        raise SettingError(lambda asked_by="model.compile=true", switch_off="model.compile=false":
+                           f"{asked_by}: torch.compile does not support this Python or platform; pass {switch_off}")
     if device.type == "cpu" and not any(shutil.which(name) for name in ("g++", "clang++", "c++", "cl")):
-        raise UserError(f"{asked_by}: torch.compile on cpu needs a C++ compiler (g++ or clang++) on the PATH; "
-                        f"install one or pass {switch_off}")
+        raise SettingError(lambda asked_by="model.compile=true", switch_off="model.compile=false":
+                           f"{asked_by}: torch.compile on cpu needs a C++ compiler (g++ or clang++) on the PATH; "
+                           f"install one or pass {switch_off}")

@@ -5,6 +5,7 @@ import functools
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from nanogpt_lightning.console import say
@@ -12,6 +13,35 @@ from nanogpt_lightning.console import say
 
 class UserError(Exception):
     """A problem the user can fix; the message says how."""
+
+
+class SettingError(UserError):
+    """A UserError from a check that serves several settings (pick_device: sample.py's `device`, training's
+    `trainer.accelerator`) and so cannot name the one at fault: its message is a function of the setting's name
+    (`key`; check_compile's two spellings `asked_by` and `switch_off`), whose defaults name the usual one; the
+    caller that knows better names it with `naming`, instead of passing the name down through each call.
+
+    `naming` calls the function again once the raising `except ... as err:` block has ended and `err` is gone:
+    what the message needs of `err` goes into a variable before the raise.
+    """
+
+    def __init__(self, message: Callable[..., str]):
+        super().__init__(message())
+        self.message = message
+
+    def __reduce__(self):  # pickled (to another process) as the UserError it reads as: a function does not pickle
+        return UserError, self.args
+
+
+@contextlib.contextmanager
+def naming(**names: str):
+    """Around calls whose SettingErrors are about the setting `names` says (e.g. key="trainer.accelerator"):
+    their messages name it instead of their defaults."""
+    try:
+        yield
+    except SettingError as err:
+        err.args = (err.message(**names),)
+        raise
 
 
 def first_line(err: BaseException, width: int = 160) -> str:

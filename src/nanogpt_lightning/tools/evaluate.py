@@ -141,7 +141,7 @@ def evaluate(ckpt: str = "latest", split: str | None = None, text: str | None = 
              format: str = "text", device: str = "auto", batch_size: int = 16, out: TextIO = sys.stdout) -> dict:
     """Evaluate the checkpoint `ckpt` on a split of its own prepared data (`split`, val by default) or on the
     file `text`; print the result to `out` as lines or one JSON object (`format`) and return it."""
-    torch_device = pick_device(device, "device")
+    torch_device = pick_device(device)
     model, tokenizer, checkpoint, path = load_model(ckpt, torch_device)
     data = checkpoint[CHECKPOINT_KEY].get("data")
     if text is not None:

@@ -44,7 +44,7 @@ def sampling_precision(precision: str, checkpoint: dict, device: torch.device) -
             precision = auto_precision(device)
     elif precision == "auto":
         precision = auto_precision(device)
-    check_precision(precision, device, "precision")
+    check_precision(precision, device)
     return precision
 
 
@@ -146,7 +146,7 @@ def sample(ckpt: str, prompt: str = "\n", num_samples: int = 10, max_new_tokens:
     Notes (checkpoint, the data it was trained on, speed) go to `info`. Returns the samples' texts.
     """
     text = read_prompt(prompt)
-    torch_device = pick_device(device, "device")
+    torch_device = pick_device(device)
     model, tokenizer, checkpoint, path = load_model(ckpt, torch_device)
     prompt_ids = encode_prompt(tokenizer, text)
     precision = sampling_precision(precision, checkpoint, torch_device)

@@ -5,7 +5,9 @@
 `load_model` gives the model that `ckpt=` names (a checkpoint, or pretrained GPT-2 weights from a directory or
 the Hugging Face hub, mapped by model/gpt2.py), for sampling, evaluation and export; `init_from` does the same
 for training's `model.init_from`; the `check_*` functions hold a checkpoint against the run about to resume
-it (model shapes, vocabulary, data, settings; train/run.resume_path). Every problem is a one-line UserError.
+it (model shapes, vocabulary, data, settings; train/run.resume_path). Every problem is a one-line UserError;
+those about the setting that names the weights say `ckpt` (sampling's, evaluation's, export's), and training
+names its own (`ckpt_path`, `model.init_from`) with errors.naming.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from nanogpt_lightning.console import say
 from nanogpt_lightning.data.prepare import describe_data
 from nanogpt_lightning.data.tokenizer import Tokenizer, tokenizer_from_meta
-from nanogpt_lightning.errors import UserError, first_line
+from nanogpt_lightning.errors import SettingError, UserError, first_line, naming
 from nanogpt_lightning.model.config import GPTConfig
 from nanogpt_lightning.model.gpt import GPT
 from nanogpt_lightning.model.gpt2 import GPT2_EOS, check_gpt2_options, gpt_config, load_weights
@@ -35,15 +37,13 @@ FORMAT_VERSION = 1
 SHAPE_SETTINGS = ("n_layer", "n_head", "n_embd", "bias", "vocab_multiple")
 
 
-def resolve_checkpoint(spec: str | Path, key: str = "ckpt", runs_root: Path = Path("outputs")) -> Path:
-    """A checkpoint file; a run directory means its last.ckpt; `latest` the newest last.ckpt under `runs_root`.
-
-    `key` is the setting's name in the messages (`ckpt` for sampling, `ckpt_path` for training).
-    """
+def resolve_checkpoint(spec: str | Path, runs_root: Path = Path("outputs")) -> Path:
+    """A checkpoint file; a run directory means its last.ckpt; `latest` the newest last.ckpt under `runs_root`."""
     if str(spec) == "latest":
         candidates = list(runs_root.glob("**/last.ckpt"))
         if not candidates:
-            raise UserError(f"no checkpoints under {runs_root}/; train a model first or pass {key}=PATH")
+            raise SettingError(lambda key="ckpt": f"no checkpoints under {runs_root}/; train a model first or "
+                               f"pass {key}=PATH")
         return max(candidates, key=lambda p: p.stat().st_mtime)
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -51,15 +51,16 @@ def resolve_checkpoint(spec: str | Path, key: str = "ckpt", runs_root: Path = Pa
             if (folder / "last.ckpt").is_file():
                 return folder / "last.ckpt"
         found = sorted(p.name for folder in (path / "checkpoints", path) for p in folder.glob("*.ckpt"))
-        holds = f"it holds {', '.join(found)}: pass {key}={path / 'checkpoints' / found[0]}" if found else (
-            f"pass {key}=FILE.ckpt")
-        raise UserError(f"no last.ckpt in {path}/checkpoints or {path}; {holds}")
+        raise SettingError(lambda key="ckpt": f"no last.ckpt in {path}/checkpoints or {path}; " + (
+            f"it holds {', '.join(found)}: pass {key}={path / 'checkpoints' / found[0]}" if found
+            else f"pass {key}=FILE.ckpt"))
     if not path.is_file():
-        raise UserError(f"checkpoint {spec} does not exist; pass {key}=FILE.ckpt, a run directory or {key}=latest")
+        raise SettingError(lambda key="ckpt": f"checkpoint {spec} does not exist; pass {key}=FILE.ckpt, a run "
+                           f"directory or {key}=latest")
     return path
 
 
-def read_checkpoint(path: Path, key: str = "ckpt") -> dict:
+def read_checkpoint(path: Path) -> dict:
     """The checkpoint at `path`, its tensors memory-mapped (cheap: nothing is read until used).
 
     Loads only tensors and plain data (weights_only, as Lightning does for local files).
@@ -67,11 +68,12 @@ def read_checkpoint(path: Path, key: str = "ckpt") -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - torch.load raises many kinds (RuntimeError, UnpicklingError, ...)
-        raise UserError(f"cannot read checkpoint {path}, it is truncated or not a checkpoint ({first_line(err)}); "
-                        f"pass {key}=FILE.ckpt written by scripts/train.py") from None
+        reason = first_line(err)
+        raise SettingError(lambda key="ckpt": f"cannot read checkpoint {path}, it is truncated or not a checkpoint "
+                           f"({reason}); pass {key}=FILE.ckpt written by scripts/train.py") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(CHECKPOINT_KEY), dict):
-        raise UserError(f"{path} is not a nanogpt_lightning checkpoint; "
-                        f"pass {key}=FILE.ckpt written by scripts/train.py")
+        raise SettingError(lambda key="ckpt": f"{path} is not a nanogpt_lightning checkpoint; "
+                           f"pass {key}=FILE.ckpt written by scripts/train.py")
     meta = checkpoint[CHECKPOINT_KEY]
     version = meta.get("format_version", 0)
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -80,8 +82,8 @@ def read_checkpoint(path: Path, key: str = "ckpt") -> dict:
     missing = [name for name, holder in (("state_dict", checkpoint), ("model_config", meta), ("tokenizer", meta))
                if not isinstance(holder.get(name), dict)]
     if missing:
-        raise UserError(f"checkpoint {path} lacks its {', '.join(missing)} (damaged, or not written by "
-                        f"scripts/train.py); pass {key}=FILE.ckpt written by scripts/train.py")
+        raise SettingError(lambda key="ckpt": f"checkpoint {path} lacks its {', '.join(missing)} (damaged, or not "
+                           f"written by scripts/train.py); pass {key}=FILE.ckpt written by scripts/train.py")
     return checkpoint
 
 
@@ -116,7 +118,7 @@ def checkpoint_model(checkpoint: dict, path: Path) -> GPT:
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[GPT, Tokenizer, dict]:
     """The model of the checkpoint at `path` (eval mode, on `device`), its tokenizer, and the raw checkpoint."""
-    checkpoint = read_checkpoint(path, key="ckpt")
+    checkpoint = read_checkpoint(path)
     model = checkpoint_model(checkpoint, path)
     return model.to(device).eval(), tokenizer_from_meta(checkpoint[CHECKPOINT_KEY]["tokenizer"]), checkpoint
 
@@ -127,13 +129,13 @@ def load_model(spec: str, device: torch.device) -> tuple[GPT, Tokenizer, dict, P
     Returns the model (eval mode, on `device`), its tokenizer, its checkpoint (for pretrained weights one that
     holds their model config, tokenizer and name, `pretrained`) and its file (pretrained: their directory)."""
     if spec != "latest" and is_pretrained(spec):
-        pretrained = read_pretrained(spec, "ckpt")
+        pretrained = read_pretrained(spec)
         named = f"ckpt={spec}"
         model = load_weights(GPT(gpt_config(pretrained.hf_config, named)), pretrained.tensors, named).eval()
         meta = pretrained_tokenizer(pretrained, model.config.vocab_size)
         checkpoint = {CHECKPOINT_KEY: {"model_config": asdict(model.config), "tokenizer": meta, "pretrained": spec}}
         return model.to(device), tokenizer_from_meta(meta), checkpoint, pretrained.directory
-    path = resolve_checkpoint(spec, key="ckpt")
+    path = resolve_checkpoint(spec)
     return *load_checkpoint(path, device), path
 
 
@@ -165,7 +167,7 @@ def is_pretrained(spec: str) -> bool:
     return spec in GPT2_NAMES or (Path(spec).expanduser() / CONFIG_FILE).is_file()
 
 
-def _from_hub(name: str, key: str) -> Path:
+def _from_hub(name: str) -> Path:
     """The hub snapshot directory of `name` with its config and safetensors weights: the local cache, else
     a download; neither: one line that says how to get them."""
     from huggingface_hub import constants, hf_hub_download  # only where GPT-2 is asked for: it loads requests
@@ -186,26 +188,28 @@ def _from_hub(name: str, key: str) -> Path:
     except Exception as err:  # noqa: BLE001 - no network, offline mode, a proxy: all end the same way
         while err.__cause__ or err.__context__:  # the root of it (no network: the connection's error)
             err = err.__cause__ or err.__context__
-        raise UserError(f"cannot get {key}={name}: it is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
-                        f"and downloading it failed ({first_line(err, 120)}); download it where there is network "
-                        f"with `hf download {name} {' '.join(files)}` (older huggingface_hub: huggingface-cli "
-                        f"download ...), or pass {key}=DIR, a directory holding {' and '.join(files)}") from None
+        reason = first_line(err, 120)
+        raise SettingError(lambda key="ckpt": f"cannot get {key}={name}: it is not in the Hugging Face cache "
+                           f"({constants.HF_HUB_CACHE}) and downloading it failed ({reason}); download it where "
+                           f"there is network with `hf download {name} {' '.join(files)}` (older huggingface_hub: "
+                           f"huggingface-cli download ...), or pass {key}=DIR, a directory holding "
+                           f"{' and '.join(files)}") from None
     finally:
         hub_log.setLevel(level)
 
 
-def locate(spec: str, key: str) -> Path:
+def locate(spec: str) -> Path:
     """The directory holding the config and weights that `spec` names (see is_pretrained)."""
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / CONFIG_FILE).is_file() or not any((path / f).is_file() for f in WEIGHT_FILES):
-            raise UserError(f"{key}={spec}: the directory must hold {CONFIG_FILE} and {' or '.join(WEIGHT_FILES)} "
-                            "(as save_pretrained or scripts/export.py write them)")
+            raise SettingError(lambda key="ckpt": f"{key}={spec}: the directory must hold {CONFIG_FILE} and "
+                               f"{' or '.join(WEIGHT_FILES)} (as save_pretrained or scripts/export.py write them)")
         return path
     if spec in GPT2_NAMES:
-        return _from_hub(spec, key)
-    raise UserError(f"{key}={spec} is neither a directory nor one of {', '.join(GPT2_NAMES)}; "
-                    f"pass one of those, or a directory holding {CONFIG_FILE} and {WEIGHT_FILES[0]}")
+        return _from_hub(spec)
+    raise SettingError(lambda key="ckpt": f"{key}={spec} is neither a directory nor one of {', '.join(GPT2_NAMES)}; "
+                       f"pass one of those, or a directory holding {CONFIG_FILE} and {WEIGHT_FILES[0]}")
 
 
 @dataclass
@@ -218,9 +222,9 @@ class Pretrained:
     tensors: dict[str, torch.Tensor]
 
 
-def read_pretrained(spec: str, key: str) -> Pretrained:
-    """The config and weights that `key=spec` names, read (safetensors, or a weights-only torch.load)."""
-    directory = locate(spec, key)
+def read_pretrained(spec: str) -> Pretrained:
+    """The config and weights that `spec` names, read (safetensors, or a weights-only torch.load)."""
+    directory = locate(spec)
     try:
         hf_config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -235,14 +239,16 @@ def read_pretrained(spec: str, key: str) -> Pretrained:
         else:
             tensors = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - json, safetensors and torch.load each raise their own kinds
-        raise UserError(f"cannot read the weights of {key}={spec} in {directory} ({first_line(err)}); "
-                        "pass a directory written by save_pretrained or scripts/export.py") from None
+        reason = first_line(err)
+        raise SettingError(lambda key="ckpt": f"cannot read the weights of {key}={spec} in {directory} ({reason}); "
+                           "pass a directory written by save_pretrained or scripts/export.py") from None
     if not isinstance(hf_config, dict):
-        raise UserError(f"{key}={spec}: {directory / CONFIG_FILE} is not a JSON object (got "
-                        f"{type(hf_config).__name__}); pass a directory written by save_pretrained or "
-                        "scripts/export.py")
+        raise SettingError(lambda key="ckpt": f"{key}={spec}: {directory / CONFIG_FILE} is not a JSON object (got "
+                           f"{type(hf_config).__name__}); pass a directory written by save_pretrained or "
+                           "scripts/export.py")
     if hf_config.get("model_type", "gpt2") != "gpt2":
-        raise UserError(f"{key}={spec} is a {hf_config['model_type']} model, not GPT-2; pass GPT-2 weights")
+        raise SettingError(lambda key="ckpt": f"{key}={spec} is a {hf_config['model_type']} model, not GPT-2; "
+                           "pass GPT-2 weights")
     return Pretrained(spec, directory, hf_config, tensors)
 
 
@@ -288,7 +294,8 @@ def init_from(spec: str, tokenizer: dict, block_size: int,
         raise UserError(f"{named} needs data in GPT-2's byte-pair encoding, this data is "
                         f"{tokenizer.get('kind')}-level; pass data.tokenizer=gpt2 (e.g. data=shakespeare)")
     check_gpt2_options(model_settings, named)
-    pretrained = read_pretrained(spec, key)
+    with naming(key=key):
+        pretrained = read_pretrained(spec)
     config = gpt_config(pretrained.hf_config, named, block_size, dropout=model_settings.get("dropout", 0.0),
                         fused_loss=model_settings.get("fused_loss", True))
     if config.vocab_size <= GPT2_EOS:  # GPT-2's token ids would index past its embedding table
@@ -307,8 +314,9 @@ def _init_from_checkpoint(spec: str, tokenizer: dict, block_size: int,
     """init_from for a checkpoint of this project: its model, on data of its vocabulary, positions cropped."""
     key = "model.init_from"
     named = f"{key}={spec}"
-    path = resolve_checkpoint(spec, key=key)
-    checkpoint = read_checkpoint(path, key=key)
+    with naming(key=key):
+        path = resolve_checkpoint(spec)
+        checkpoint = read_checkpoint(path)
     trained = checkpoint_model(checkpoint, path)
     saved = checkpoint[CHECKPOINT_KEY]["tokenizer"]
     if saved != tokenizer:

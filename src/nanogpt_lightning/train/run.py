@@ -20,9 +20,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from nanogpt_lightning.config import ABSENT
 from nanogpt_lightning.console import say
 from nanogpt_lightning.devices import auto_precision, check_compile, check_precision, pick_device
-from nanogpt_lightning.errors import TrainingInterrupted, UserError
+from nanogpt_lightning.errors import TrainingInterrupted, UserError, naming
 from nanogpt_lightning.metrics import EVAL_LOSS_TAGS
 from nanogpt_lightning.train import checkpoints
 from nanogpt_lightning.train.callbacks import TimeBudget, finished_run_help
@@ -40,7 +41,6 @@ RESULT_SETTINGS = ("data.tokenizer", "data.val_fraction", "data.block_size", "da
                    "optimizer", "scheduler", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
                    "trainer.precision", "matmul_precision", "trainer.max_steps", "budget_s", "seed")
 RESUMABLE_CHANGES = ("trainer.max_steps", "budget_s", "model.compile")  # train further, or compiled or not
-_ABSENT = object()
 
 
 def resolve_precision(cfg: DictConfig, device: torch.device) -> None:
@@ -49,7 +49,8 @@ def resolve_precision(cfg: DictConfig, device: torch.device) -> None:
     (HPARAMS, resume checks) then record the precision that trained. Apply matmul_precision (TF32)."""
     if str(cfg.trainer.precision) == "auto":
         cfg.trainer.precision = auto_precision(device)
-    check_precision(str(cfg.trainer.precision), device, "trainer.precision")
+    with naming(key="trainer.precision"):
+        check_precision(str(cfg.trainer.precision), device)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
 
 
@@ -68,11 +69,11 @@ def run_settings(cfg: DictConfig) -> dict:
     `_target_` is kept (`optimizer._target_`), so a resume that switches the optimizer is refused by the check."""
     settings = {}
     for key in RESULT_SETTINGS:
-        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        value = OmegaConf.select(cfg, key, default=ABSENT)
         if isinstance(value, DictConfig):
             settings |= {f"{key}.{k}": v for k, v in OmegaConf.to_container(value, resolve=True).items()
                          if k == "_target_" or not k.startswith("_")}
-        elif value is not _ABSENT:
+        elif value is not ABSENT:
             settings[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
     return settings
 
@@ -84,8 +85,9 @@ def resume_path(spec: str | None, module, max_steps: int, budget_s: float | None
     (its iterations, or under a time budget its seconds)."""
     if spec is None:
         return None
-    path = checkpoints.resolve_checkpoint(spec, key="ckpt_path")
-    checkpoint = checkpoints.read_checkpoint(path, key="ckpt_path")
+    with naming(key="ckpt_path"):
+        path = checkpoints.resolve_checkpoint(spec)
+        checkpoint = checkpoints.read_checkpoint(path)
     checkpoints.check_resumable(checkpoint, module.model_config, module.tokenizer, path)
     if not allow_other_data:
         checkpoints.check_same_data(checkpoint, module.data, path)
@@ -290,9 +292,11 @@ def train(cfg: DictConfig) -> float:
     `cfg` has been checked (config.validate_train_config, as scripts/train.py and compose_train_config do)."""
     quiet_lightning(cfg.verbose)
     if HydraConfig.get().mode == RunMode.MULTIRUN and is_first_process():
-        check_fresh_run_dir(Path(HydraConfig.get().runtime.output_dir).absolute(), cfg.ckpt_path, "hydra.sweep.dir")
+        with naming(key="hydra.sweep.dir"):
+            check_fresh_run_dir(Path(HydraConfig.get().runtime.output_dir).absolute(), cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    device = pick_device(cfg.trainer.accelerator, key="trainer.accelerator")  # once for the run, passed down
+    with naming(key="trainer.accelerator"):
+        device = pick_device(cfg.trainer.accelerator)  # once for the run, passed down
     resolve_precision(cfg, device)
     for group in ("data", "model", "module", "optimizer", "scheduler", "trainer", "callbacks", "logger"):
         check_settings_taken(cfg, group, taken_here=("init_from", "compile") if group == "model" else ())

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from nanogpt_lightning.config import check_settings, text
 from nanogpt_lightning.console import say
-from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.errors import SettingError, UserError
 from nanogpt_lightning.train.settings import TRAIN_RULES
 
 
@@ -43,8 +43,10 @@ def previous_run(run_dir: Path) -> str | None:
     return None
 
 
-def check_fresh_run_dir(run_dir: Path, ckpt_path: str | None, key: str) -> None:
-    """A run directory holds one run: a new run may not write into another's, only resume it in place."""
+def check_fresh_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
+    """A run directory holds one run: a new run may not write into another's, only resume it in place.
+
+    The error names hydra.run.dir; a sweep's job names hydra.sweep.dir (errors.naming)."""
     found = previous_run(run_dir)
     if found is None:
         return
@@ -52,8 +54,8 @@ def check_fresh_run_dir(run_dir: Path, ckpt_path: str | None, key: str) -> None:
         resumed = Path(ckpt_path).expanduser().absolute()
         if resumed == run_dir or run_dir in resumed.parents:
             return  # resuming this run in place
-    raise UserError(f"{run_dir} already holds a run ({found}); resume it with ckpt_path={run_dir}, "
-                    f"or pass another {key}=DIR")
+    raise SettingError(lambda key="hydra.run.dir": f"{run_dir} already holds a run ({found}); resume it with "
+                       f"ckpt_path={run_dir}, or pass another {key}=DIR")
 
 
 def is_first_process() -> bool:
@@ -90,7 +92,7 @@ class RunDirCheck(HydraCallback):
             return
         try:
             ckpt_path = check_settings(config, {"ckpt_path": TRAIN_RULES["ckpt_path"]}).get("ckpt_path")
-            check_fresh_run_dir(run_dir, ckpt_path, "hydra.run.dir")
+            check_fresh_run_dir(run_dir, ckpt_path)
         except UserError as err:
             _exit_with_error(str(err))
         if not run_dir.exists():

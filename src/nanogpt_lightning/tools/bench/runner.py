@@ -17,7 +17,7 @@ import torch
 
 from nanogpt_lightning.cpu_memory import OFF_SWITCH, tune_cpu_memory
 from nanogpt_lightning.devices import MIXED_PRECISION_DTYPES, check_compile, pick_device
-from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.errors import UserError, naming
 from nanogpt_lightning.tools.bench.loops import lightning_loop, matmul_bursts, plain_pytorch_loop
 from nanogpt_lightning.tools.bench.measure import TrainingMemory
 from nanogpt_lightning.tools.bench.report import report
@@ -78,7 +78,8 @@ def participant_process(name: str, variant: str, precision: str, index: int, ove
         # (`plain`); PyTorch's huge-page switch it inherits through the environment (torch has allocated by now)
         tune_cpu_memory()
         cfg = compose_train_config(overrides, output_dir)
-        device = pick_device(cfg.trainer.accelerator, "trainer.accelerator")
+        with naming(key="trainer.accelerator"):
+            device = pick_device(cfg.trainer.accelerator)
         if variant == "matmul":
             bursts = 2 + len(low_dtypes)
             clock = Clock(index, turns, [bursts] * (rounds + 1), device, None)
@@ -147,11 +148,13 @@ def run(overrides: list[str], warmup: int, rounds: int, steps: int, precisions: 
         if cfg.budget_s is not None:
             raise UserError(f"bench.py times a fixed number of iterations (--warmup, --rounds, --steps), not a "
                             f"time budget: got budget_s={cfg.budget_s:g}; pass budget_s=null")
-        device = pick_device(cfg.trainer.accelerator, "trainer.accelerator")
+        with naming(key="trainer.accelerator"):
+            device = pick_device(cfg.trainer.accelerator)
         precisions = bench_precisions(precisions, device)
         compiled = device.type == "cuda" if compiled is None else compiled
         if compiled:
-            check_compile(device, "bench.py --compile", "--no-compile")
+            with naming(asked_by="bench.py --compile", switch_off="--no-compile"):
+                check_compile(device)
         low_dtypes = [MIXED_PRECISION_DTYPES[p] for p in precisions[1:]]
         build_datamodule(cfg).prepare_data()
         participants = [("matmul", "matmul", FLOAT32)] + [

@@ -6,7 +6,7 @@ import torch
 from omegaconf import DictConfig
 
 from nanogpt_lightning.devices import MIXED_PRECISION_DTYPES, auto_precision, check_precision
-from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.errors import UserError, naming
 
 VARIANTS = ("plain", "plain+tuned", "lightning", "lightning+fused")
 LOW_PRECISION_VARIANTS = ("plain", "lightning+fused")  # the reference and ours, in each low precision
@@ -34,7 +34,8 @@ def bench_precisions(wanted: str, device: torch.device) -> list[str]:
         if name != FLOAT32 and name not in MIXED_PRECISION_DTYPES:
             raise UserError(f"--precisions takes 32-true, {', '.join(MIXED_PRECISION_DTYPES)} or auto, "
                             f"got {name!r}")
-        check_precision(name, device, "--precisions")
+        with naming(key="--precisions"):
+            check_precision(name, device)
         if name not in precisions:
             precisions.append(name)
     return precisions
