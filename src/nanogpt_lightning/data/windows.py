@@ -19,25 +19,28 @@ from torch.utils.data import IterableDataset
 
 
 class RandomWindows(IterableDataset):
-    """Batches of random (x, y) windows of a split's shards (`shards`: one bin's path, or a list), y = x
-    shifted by one.
+    """Batches of random (x, y) windows of a split's shards, y = x shifted by one.
 
-    `num_batches=None` streams forever. Batch i is drawn from the stream keyed (*key, i), starting at
-    `start`, so the sequence depends only on the key and the start, never on what was drawn before.
-    The shards are opened once (memmaps) and kept open, so the data stays the same while the dataset lives
-    and nothing is copied into memory however long it runs.
+    `shards`: one bin's path, a list of paths, or the split's shards already open (memmaps, as
+    shards.open_split gives them). `num_batches=None` streams forever. Batch i is drawn from the stream
+    keyed (*key, i), starting at `start`, so the sequence depends only on the key and the start, never on
+    what was drawn before. The shards are opened once (memmaps) and kept open, so the data stays the same
+    while the dataset lives, even if the files are deleted or replaced, and nothing is copied into memory
+    however long it runs.
     """
 
-    def __init__(self, shards: Path | list[Path], block_size: int, batch_size: int, key: tuple[int, ...],
-                 start: int = 0, num_batches: int | None = None, dtype: np.dtype = np.uint16):
-        self.shards = [shards] if isinstance(shards, Path) else list(shards)
-        self.dtype = np.dtype(dtype)
+    def __init__(self, shards: Path | list[Path] | list[np.memmap], block_size: int, batch_size: int,
+                 key: tuple[int, ...], start: int = 0, num_batches: int | None = None, dtype: np.dtype = np.uint16):
+        shards = [shards] if isinstance(shards, Path) else list(shards)
+        opened = all(isinstance(shard, np.memmap) for shard in shards)
+        self.shards = [Path(shard.filename) for shard in shards] if opened else shards
+        self.dtype = shards[0].dtype if opened else np.dtype(dtype)
         self.block_size = block_size
         self.batch_size = batch_size
         self.key = key
         self.start = start
         self.num_batches = num_batches
-        self._tokens = None
+        self._tokens = shards if opened else None
 
     def __getstate__(self) -> dict:
         # a worker process started by spawn opens the shards itself: pickling a memmap would copy the data
@@ -78,8 +81,8 @@ class EvalWindows(RandomWindows):
     """`num_batches` batches per pass, keyed also by `step()` when the pass starts (the trainer's step):
     an evaluation at a given step sees the same batches whether or not the run was resumed on the way."""
 
-    def __init__(self, shards: Path | list[Path], block_size: int, batch_size: int, key: tuple[int, ...],
-                 num_batches: int, step: Callable[[], int], dtype: np.dtype = np.uint16):
+    def __init__(self, shards: Path | list[Path] | list[np.memmap], block_size: int, batch_size: int,
+                 key: tuple[int, ...], num_batches: int, step: Callable[[], int], dtype: np.dtype = np.uint16):
         super().__init__(shards, block_size, batch_size, key, num_batches=num_batches, dtype=dtype)
         self.step = step
 

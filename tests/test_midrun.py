@@ -1,0 +1,60 @@
+"""What happens to a run while it trains: its prepared data deleted. Runs go through the real script; the
+callbacks here act at a known iteration (`+callbacks.NAME._target_=test_midrun.CLASS`; the subprocess finds
+this module on PYTHONPATH)."""
+
+import shutil
+
+import lightning as L
+import pytest
+
+from helpers import ROOT, SONNETS, TINY_RUN, prepare_text, run_script
+from nanogpt_lightning.data.datamodule import TextDataModule
+from nanogpt_lightning.errors import UserError
+from test_interrupt import losses
+from test_train import step_of, train_in_process
+
+SETTINGS = ["trainer.max_steps=12", "eval_interval=5", "log_interval=1"]
+
+
+class DeleteDataAt(L.Callback):
+    """Deletes the run's prepared data directory (meta.json and the .bin shards) when iteration `iteration`
+    ends, as a user cleaning up data/ while a run trains would, but at a known moment."""
+
+    def __init__(self, iteration: int):
+        self.iteration = iteration
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.iteration:
+            shutil.rmtree(trainer.datamodule.prepared_dir)
+
+
+def test_prepared_data_deleted_while_training_the_run_goes_on_as_if_it_were_there_and_saves(tmp_path):
+    """The shards are opened once, when training starts: the first evaluation, after the deletion, reads
+    them too (it used to open them itself and end in a FileNotFoundError traceback, nothing saved)."""
+    prepared = prepare_text(SONNETS, tmp_path / "data", "char")
+    whole = train_in_process(tmp_path / "whole", *SETTINGS, f"data.data_dir={tmp_path / 'data'}")
+    run = tmp_path / "run"
+    deleted = run_script("train.py", *TINY_RUN, *SETTINGS, f"data.data_dir={tmp_path / 'data'}",
+                         f"hydra.run.dir={run}", "+callbacks.delete_data._target_=test_midrun.DeleteDataAt",
+                         "+callbacks.delete_data.iteration=3", cwd=tmp_path, env={"PYTHONPATH": str(ROOT / "tests")})
+    assert not prepared.exists()
+    assert "Traceback" not in deleted.stderr
+    iters, steps = losses(deleted.stdout)
+    assert sorted(steps) == [5, 10, 12]  # evaluated after the deletion, to the end
+    assert (iters, steps) == losses(whole)  # on the same data
+    assert "finished at iteration 12" in deleted.stdout
+    assert step_of(run / "checkpoints" / "last.ckpt") == 12 and (run / "checkpoints" / "best.ckpt").exists()
+
+
+def test_prepared_data_gone_before_its_shards_are_opened_is_one_line_saying_to_prepare_it_again(tmp_path):
+    """Deleted between the check of its meta.json (the model is sized by it) and the start of training."""
+    data = TextDataModule(data_dir=str(tmp_path / "data"), input_file=str(SONNETS), block_size=8, batch_size=2)
+    data.prepare_data()
+    assert data.vocab_size > 0
+    shutil.rmtree(data.prepared_dir)
+    with pytest.raises(UserError) as err:
+        data.setup("fit")
+    assert str(err.value) == (f"the prepared data in {data.prepared_dir} disappeared after it was checked; prepare it "
+                              f"again with {data.prepare_command()}")
+    assert "python scripts/prepare.py" in str(err.value)
+
