@@ -47,8 +47,8 @@ def hydra_error_line(err: Exception) -> str:
     six to twelve lines, with its search path and a tip about HYDRA_FULL_ERROR."""
     text = str(err)
     first = (text.splitlines() or [""])[0]
-    started = Path(sys.argv[0]).name  # scripts/train.py, prepare.py, ...; else (a test, a notebook) the training
-    script = f"python scripts/{started if started.endswith('.py') else 'train.py'}"
+    started = Path(sys.argv[0])  # scripts/train.py, prepare.py, ...; else (a test, a notebook) the training
+    script = f"python scripts/{started.name if started.parent.name == 'scripts' else 'train.py'}"
     if match := re.match(r"Could not override '(.+)'\.", first):
         key = match.group(1)
         holders = _options_holding(key)
