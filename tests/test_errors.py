@@ -202,8 +202,10 @@ def test_a_resume_with_a_changed_setting_or_on_other_data_is_refused(tmp_path):
     assert resume() == last  # further iterations of the same run
     with pytest.raises(UserError) as err:
         resume(**{"optimizer.lr": 0.01})
-    assert str(err.value).startswith(f"checkpoint {last} was trained with other settings: optimizer.lr=0.01 "
-                                     "(checkpoint: 0.003); resume with the checkpoint's settings, or start a new run")
+    assert str(err.value) == (f"checkpoint {last} was trained with other settings: optimizer.lr=0.01 (checkpoint: "
+                              "0.003); resume with the checkpoint's settings, or start a new run from its weights with "
+                              f"the new settings: model.init_from={last} (a fresh optimizer and schedule, the same "
+                              "model shape)")
     other = {**data, "source": "/x/reversed.txt", "source_sha256": "b" * 64}
     with pytest.raises(UserError) as err:
         resume(data=other)

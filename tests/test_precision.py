@@ -151,3 +151,7 @@ def test_trainer_precision_auto_becomes_the_devices_pick_and_the_run_records_tha
     cfg = compose_train_config(["trainer.precision=16-mixed", "trainer.accelerator=cpu"])
     with pytest.raises(UserError, match=r"^trainer.precision=16-mixed \(float16 with loss scaling\) needs cuda"):
         training.resolve_precision(cfg, torch.device("cpu"))
+    for alias, ran in (("bf16", "bf16-mixed"), ("32", "32-true"), ("64", "64-true")):  # Lightning's short names
+        cfg = compose_train_config([f"trainer.precision={alias}", "trainer.accelerator=cpu"])
+        training.resolve_precision(cfg, torch.device("cpu"))
+        assert cfg.trainer.precision == ran and training.run_settings(cfg)["trainer.precision"] == ran

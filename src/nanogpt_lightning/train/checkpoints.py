@@ -401,4 +401,5 @@ def check_same_settings(checkpoint: dict, settings: dict, path: Path, may_change
     if differ:
         changes = ", ".join(f"{key}={settings.get(key)} (checkpoint: {saved.get(key)})" for key in differ)
         raise UserError(f"checkpoint {path} was trained with other settings: {changes}; resume with the "
-                        "checkpoint's settings, or start a new run (its weights cannot carry over)")
+                        "checkpoint's settings, or start a new run from its weights with the new settings: "
+                        f"model.init_from={path} (a fresh optimizer and schedule, the same model shape)")

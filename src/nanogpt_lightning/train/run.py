@@ -22,7 +22,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from nanogpt_lightning.config import ABSENT
 from nanogpt_lightning.console import say
-from nanogpt_lightning.devices import auto_precision, check_compile, check_precision, pick_device
+from nanogpt_lightning.devices import (
+    PRECISION_ALIASES,
+    auto_precision,
+    check_compile,
+    check_precision,
+    pick_device,
+)
 from nanogpt_lightning.errors import TrainingInterrupted, UserError, naming
 from nanogpt_lightning.metrics import EVAL_LOSS_TAGS
 from nanogpt_lightning.train import checkpoints
@@ -45,10 +51,12 @@ RESUMABLE_CHANGES = ("trainer.max_steps", "budget_s", "model.compile")  # train 
 
 def resolve_precision(cfg: DictConfig, device: torch.device) -> None:
     """Set trainer.precision=auto to what it means on the run's `device` (bfloat16 mixed where the device
-    computes it fast, devices.auto_precision); refuse a precision the device lacks. The run's settings
-    (HPARAMS, resume checks) then record the precision that trained. Apply matmul_precision (TF32)."""
-    if str(cfg.trainer.precision) == "auto":
-        cfg.trainer.precision = auto_precision(device)
+    computes it fast, devices.auto_precision) and Lightning's short names (bf16, 32) to the long ones; refuse
+    a precision the device lacks. The run's settings (HPARAMS, resume checks) then record the precision that
+    trained under one name. Apply matmul_precision (TF32)."""
+    precision = str(cfg.trainer.precision)  # YAML reads 32 as an int
+    cfg.trainer.precision = (auto_precision(device) if precision == "auto"
+                             else PRECISION_ALIASES.get(precision, precision))
     with naming(key="trainer.precision"):
         check_precision(str(cfg.trainer.precision), device)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
