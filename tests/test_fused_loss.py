@@ -118,6 +118,28 @@ def test_all_rows_ignored_gives_nan_like_cross_entropy():
     assert reference(hidden, weight, targets).isnan()
 
 
+def test_one_valid_row_is_its_own_loss_and_gradient():
+    """The mean over valid rows when there is one (mutation testing found the count of 1 untested)."""
+    torch.manual_seed(0)
+    hidden, weight, targets = torch.randn(4, 3), torch.randn(5, 3), torch.tensor([-1, 3, -1, -1])
+    results = []
+    for loss_fn in (reference, fused_linear_cross_entropy):
+        h = hidden.clone().requires_grad_()
+        loss = loss_fn(h, weight, targets)
+        loss.backward()
+        results.append((loss.detach(), h.grad))
+    torch.testing.assert_close(results[1], results[0])
+
+
+@pytest.mark.parametrize("softcap", [0, -1.0, float("nan")])
+def test_a_softcap_that_is_not_positive_is_refused(softcap):
+    hidden, weight, targets = torch.randn(2, 3), torch.randn(5, 3), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=rf"^softcap must be a positive number or None, got {softcap}$"):
+        fused_linear_cross_entropy(hidden, weight, targets, softcap=softcap)
+    small = fused_linear_cross_entropy(hidden, weight, targets, softcap=0.5)  # a cap below 1 is a cap
+    torch.testing.assert_close(small, reference(hidden, weight, targets, 0.5))
+
+
 def test_no_gradient_work_without_grad(monkeypatch):
     """Under no_grad (evaluation) the loss is a plain tensor and no gradient buffer is ever made."""
     hidden = torch.randn(6, 4, requires_grad=True)
