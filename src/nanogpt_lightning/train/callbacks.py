@@ -159,14 +159,17 @@ class TimeBudget(IterationCallback):
 
     Training time runs from the start of each training batch to the next evaluation: evaluations and the
     checkpoints saved after them do not count, so the same budget buys the same training on a run that
-    evaluates often. The LR schedule follows the fraction of the budget used (WarmupCosineLR.follow). The
-    seconds used are kept in checkpoints: a resumed run spends what is left.
+    evaluates often. Nor does compiling (model.compile): torch.compile compiles inside the first iteration
+    of each process, so that iteration's forwards and backwards are left out, their seconds printed once.
+    The LR schedule follows the fraction of the budget used (WarmupCosineLR.follow). The seconds used are
+    kept in checkpoints: a resumed run spends what is left.
     """
 
     def __init__(self, seconds: float):
         self.seconds = seconds
         self._used = 0.0  # training seconds before the running stretch
         self._since: float | None = None  # start of the running stretch; None while paused
+        self._compiling = False  # the first iteration of a compiled model is under way: compiling
 
     def seconds_used(self) -> float:
         return self._used + (perf_counter() - self._since if self._since is not None else 0.0)
@@ -184,6 +187,7 @@ class TimeBudget(IterationCallback):
 
     def on_train_start(self, trainer, pl_module):
         super().on_train_start(trainer, pl_module)
+        self._compiling = pl_module.compile_model
         for config in trainer.lr_scheduler_configs:
             if hasattr(config.scheduler, "follow"):
                 config.scheduler.follow(self.fraction_used)
@@ -191,6 +195,15 @@ class TimeBudget(IterationCallback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._since is None:
             self._since = perf_counter()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        # the first iteration's forwards and backwards held the compiling: the clock starts again before its
+        # update, so the LR schedule never sees those seconds either
+        if self._compiling:
+            self._compiling = False
+            now = perf_counter()
+            compile_s, self._since = now - self._since, now
+            print_line(trainer, f"compiled in {compile_s:.1f}s (not counted in budget_s)")
 
     def on_iteration_end(self, trainer, pl_module):
         spent = self.seconds_used() >= self.seconds
