@@ -14,3 +14,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture
 def sonnets_text() -> str:
     return SONNETS.read_text()
+
+
+# The files whose tests start many script processes (each imports Lightning: seconds of CPU), longest first.
+# pytest-xdist (--dist loadfile) hands out whole files in collection order, so these start first and the two
+# workers end close together instead of one waiting while the other runs a long file last.
+LONGEST_FIRST = ("test_sweeps.py", "test_bench.py", "test_errors.py", "test_scaling.py", "test_finish.py",
+                 "test_foreign.py", "test_multinode.py", "test_interrupt.py", "test_readme.py", "test_train.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
