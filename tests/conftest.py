@@ -16,11 +16,11 @@ def sonnets_text() -> str:
     return SONNETS.read_text()
 
 
-# The files whose tests start many script processes (each imports Lightning: seconds of CPU), longest first.
+# The files whose tests take longest (script processes, several at once), longest first.
 # pytest-xdist (--dist loadfile) hands out whole files in collection order, so these start first and the two
 # workers end close together instead of one waiting while the other runs a long file last.
-LONGEST_FIRST = ("test_sweeps.py", "test_bench.py", "test_errors.py", "test_scaling.py", "test_finish.py",
-                 "test_foreign.py", "test_multinode.py", "test_interrupt.py", "test_readme.py", "test_train.py")
+LONGEST_FIRST = ("test_bench.py", "test_multinode.py", "test_sweeps.py", "test_scaling.py", "test_readme.py",
+                 "test_train.py", "test_errors.py", "test_finish.py", "test_foreign.py", "test_interrupt.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -1,10 +1,16 @@
 """What the tests share: the small real texts, a tiny run's settings, the lines a run prints, and running the
-real scripts (in a subprocess) or a tiny fit (in this process)."""
+real scripts (each in a process of its own: forkserver.py) or a tiny fit (in this process)."""
 
+import atexit
+import json
 import os
 import re
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -23,15 +29,59 @@ ITER_LINE = re.compile(r"^iter (\d+): loss (\d+\.\d{4}), time (\d+\.\d{2})ms, mf
 STEP_LINE = re.compile(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4}), val bpb (\d+\.\d{4})$", re.M)
 
 
+# the scripts that import PyTorch and Lightning: run forked from a server that has imported them (forkserver.py)
+FORKED = ("train.py", "sample.py", "eval.py", "export.py")
+TIMEOUT_S = 300
+
+
 def run_script(script: str, *args: str, cwd: Path, check: bool = True,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run scripts/<script> as a user would; no network-dependent cache is shared with the user's."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": str(cwd / "cache"), **(env or {})}
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=300)
+    path = str(ROOT / "scripts" / script)
+    if script in FORKED and os.environ.get("NANOGPT_TEST_FORK") != "0":
+        result = _forked(path, list(args), cwd, env)
+    else:
+        result = subprocess.run([sys.executable, path, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                                timeout=TIMEOUT_S)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+_server: subprocess.Popen | None = None
+_server_lock = threading.Lock()  # one run at a time per server (a test may run scripts from two threads)
+
+
+def _reply(server: subprocess.Popen, timeout: float) -> dict:
+    if not select.select([server.stdout], [], [], timeout)[0]:
+        raise subprocess.TimeoutExpired(server.args, timeout)
+    line = server.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the script server ended (status {server.wait()})")
+    return json.loads(line)
+
+
+def _forked(path: str, args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    global _server
+    with _server_lock, tempfile.TemporaryDirectory() as tmp:
+        if _server is None or _server.poll() is not None:
+            _server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forkserver.py"))],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+            atexit.register(_server.kill)
+            _reply(_server, TIMEOUT_S)  # ready
+        out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+        request = {"script": path, "args": args, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
+        _server.stdin.write((json.dumps(request) + "\n").encode())
+        pid = _reply(_server, TIMEOUT_S)["pid"]
+        try:
+            returncode = _reply(_server, TIMEOUT_S)["returncode"]
+        except subprocess.TimeoutExpired:
+            os.kill(pid, signal.SIGKILL)
+            _reply(_server, TIMEOUT_S)
+            raise
+        return subprocess.CompletedProcess([sys.executable, path, *args], returncode,
+                                           out.read_text(errors="replace"), err.read_text(errors="replace"))
 
 
 def fit_tiny(run: Path, max_steps: int, *callbacks, val_check_interval: int = 3, ckpt_path=None,
