@@ -7,6 +7,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from nanogpt_lightning.errors import UserError
+
 
 def partial_path(path: Path) -> Path:
     """The hidden sibling a file is written into before it is renamed onto `path`: `.<name>.<pid>.partial`
@@ -37,3 +39,16 @@ def write_whole(path: Path, data: bytes) -> None:
     """Write `data` to `path` whole (see written_whole)."""
     with written_whole(path) as partial:
         partial.write_bytes(data)
+
+
+def read_user_text(path: Path, what: str, remedy: str) -> str:
+    """The UTF-8 text of a file the user named (`what`: "the prompt file"), refused in one line ending in
+    `remedy` (how to pass one) when it is not a regular file (a FIFO or a device would block or never end) or
+    cannot be read."""
+    if path.exists() and not path.is_file():
+        raise UserError(f"{what} {path} is not a regular file; {remedy}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read {what} {path} ({err.__class__.__name__}); {remedy}") from None
+

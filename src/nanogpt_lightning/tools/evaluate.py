@@ -27,6 +27,7 @@ from nanogpt_lightning.data.prepare import TOKEN_DTYPE, Source, damage, describe
 from nanogpt_lightning.data.tokenizer import Tokenizer, UnknownCharactersError
 from nanogpt_lightning.devices import pick_device
 from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.files import read_user_text
 from nanogpt_lightning.model.gpt import GPT
 from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY, describe_origin, load_model, title
 
@@ -95,13 +96,7 @@ def measure(model: GPT, tokenizer: Tokenizer, tokens: np.ndarray, batch_size: in
 def text_tokens(path: str, tokenizer: Tokenizer) -> np.ndarray:
     """The tokens of the UTF-8 file at `path`, refused in one line if unreadable or not encodable."""
     file = Path(path).expanduser()
-    if file.exists() and not file.is_file():  # a FIFO or a device would block or never end
-        raise UserError(f"the text file {file} is not a regular file; pass text=FILE, a UTF-8 text file")
-    try:
-        content = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read the text file {file} ({err.__class__.__name__}); pass text=FILE, "
-                        "a UTF-8 text file") from None
+    content = read_user_text(file, "the text file", "pass text=FILE, a UTF-8 text file")
     try:
         ids = tokenizer.encode(content)
     except UnknownCharactersError as err:

@@ -25,6 +25,7 @@ from nanogpt_lightning.devices import (
     pick_device,
 )
 from nanogpt_lightning.errors import UserError
+from nanogpt_lightning.files import read_user_text
 from nanogpt_lightning.model.gpt import GPT
 from nanogpt_lightning.train.checkpoints import CHECKPOINT_KEY, describe_origin, load_model, title
 
@@ -51,14 +52,8 @@ def sampling_precision(precision: str, checkpoint: dict, device: torch.device) -
 def read_prompt(prompt: str) -> str:
     """The prompt text; `FILE:path` reads it from a file."""
     if prompt.startswith("FILE:"):
-        path = Path(prompt[len("FILE:"):]).expanduser()
-        if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
-            raise UserError(f"the prompt file {path} is not a regular file; pass prompt=FILE:path.txt, a text file")
-        try:
-            prompt = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise UserError(f"cannot read the prompt file {path} ({err.__class__.__name__}); "
-                            "pass a UTF-8 text file") from None
+        prompt = read_user_text(Path(prompt[len("FILE:"):]).expanduser(), "the prompt file",
+                                "pass prompt=FILE:path.txt, a UTF-8 text file")
     if not prompt:
         raise UserError("the prompt is empty; pass at least one character, e.g. prompt='\\n'")
     return prompt
