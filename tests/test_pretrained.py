@@ -213,6 +213,41 @@ def test_init_from_refusals_are_one_line(hf_model, monkeypatch, tmp_path):
     assert "\n" not in str(refused.value)
 
 
+def test_without_network_the_hub_is_not_tried_for_half_a_minute(monkeypatch, tmp_path):
+    """No connection to the hub: one line at once, with the reason; no download (it would retry first)."""
+    import socket
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    def no_network(address, timeout):
+        assert address == ("huggingface.co", 443) and timeout == checkpoints.HUB_CONNECT_S
+        raise socket.gaierror(-2, "Name or service not known")
+
+    downloads = []
+
+    def only_the_cache(*args, local_files_only=False, **kwargs):
+        if not local_files_only:
+            downloads.append(args)
+            raise OSError("no network")
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://huggingface.co")
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", only_the_cache)
+    with pytest.raises(UserError, match=r"^cannot get ckpt=gpt2: .* downloading it failed \(gaierror: \[Errno -2\] "
+                                        r"Name or service not known\); download it where there is network"):
+        checkpoints.locate("gpt2")
+    assert downloads == []
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # through a proxy only the download can tell
+    with pytest.raises(UserError, match=r"downloading it failed \(OSError: no network\)"):
+        checkpoints.locate("gpt2")
+    assert downloads == [("gpt2", "config.json")]
+
+
 def test_export_settings_have_rules_and_out_must_be_given():
     from omegaconf import OmegaConf
 

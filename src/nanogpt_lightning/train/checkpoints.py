@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import sys
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
 
 import torch
 
@@ -180,6 +183,16 @@ def _from_hub(name: str) -> Path:
         pass
     say(f"{name} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}): downloading it from the hub",
         file=sys.stderr)
+
+    def cannot_get(reason: str) -> SettingError:
+        return SettingError(lambda key="ckpt": f"cannot get {key}={name}: it is not in the Hugging Face cache "
+                            f"({constants.HF_HUB_CACHE}) and downloading it failed ({reason}); download it where "
+                            f"there is network with `hf download {name} {' '.join(files)}` (older huggingface_hub: "
+                            f"huggingface-cli download ...), or pass {key}=DIR, a directory holding "
+                            f"{' and '.join(files)}")
+
+    if not constants.HF_HUB_OFFLINE and (unreachable := _unreachable(constants.ENDPOINT)):
+        raise cannot_get(unreachable)  # at once: the download would retry for half a minute first
     hub_log = logging.getLogger("huggingface_hub")
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)  # no retry notices: the one line below says what happened
@@ -188,14 +201,26 @@ def _from_hub(name: str) -> Path:
     except Exception as err:  # noqa: BLE001 - no network, offline mode, a proxy: all end the same way
         while err.__cause__ or err.__context__:  # the root of it (no network: the connection's error)
             err = err.__cause__ or err.__context__
-        reason = first_line(err, 120)
-        raise SettingError(lambda key="ckpt": f"cannot get {key}={name}: it is not in the Hugging Face cache "
-                           f"({constants.HF_HUB_CACHE}) and downloading it failed ({reason}); download it where "
-                           f"there is network with `hf download {name} {' '.join(files)}` (older huggingface_hub: "
-                           f"huggingface-cli download ...), or pass {key}=DIR, a directory holding "
-                           f"{' and '.join(files)}") from None
+        raise cannot_get(first_line(err, 120)) from None
     finally:
         hub_log.setLevel(level)
+
+
+HUB_CONNECT_S = 5  # to open a connection to the hub; no retries
+
+
+def _unreachable(endpoint: str) -> str | None:
+    """Why the hub at `endpoint` cannot be reached (its name does not resolve, no connection within
+    HUB_CONNECT_S), or None when it can, or through a proxy, which only the download itself can try."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=HUB_CONNECT_S).close()
+    except OSError as err:
+        return first_line(err, 120)
+    return None
 
 
 def locate(spec: str) -> Path:
