@@ -414,9 +414,12 @@ def check_same_settings(checkpoint: dict, settings: dict, path: Path, may_change
     checkpoint was written, whose default keeps the old behaviour: not a difference (the model's shape is
     checked by check_resumable), unless its group was switched (`optimizer._target_` differs, e.g. AdamW ->
     Muon): then every key the new group brings is one. A checkpoint that predates the record of the groups'
-    `_target_` (no `optimizer._target_`) resumes: its target is not compared."""
+    `_target_` (no `optimizer._target_`) resumes: its target is not compared; one without any record resumes
+    with a warning that nothing could be compared."""
     saved = checkpoint[CHECKPOINT_KEY].get("settings")
     if not saved:
+        say(f"warning: checkpoint {path} records no settings (an older version wrote it): this resume cannot "
+            "check that the settings are the run's; resume with the settings it was trained with", file=sys.stderr)
         return
     switched = {key.removesuffix("._target_") for key in saved
                 if key.endswith("._target_") and key in settings and saved[key] != settings[key]}
