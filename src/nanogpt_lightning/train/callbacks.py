@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from nanogpt_lightning.console import print_line
 from nanogpt_lightning.data.prepare import describe_data
 from nanogpt_lightning.errors import TrainingInterrupted
-from nanogpt_lightning.flops import peak_flops
+from nanogpt_lightning.flops import peak_flops, remeasured_peak
 from nanogpt_lightning.metrics import EVAL_BPB_TAGS, EVAL_LOSS_TAGS, ITER_LOSS_TAG
 from nanogpt_lightning.plotting import plot_curves, run_curves
 from nanogpt_lightning.train.checkpoint_io import AtomicCheckpointIO
@@ -91,10 +91,15 @@ class IterationLogger(IterationCallback):
         seconds = perf_counter() - self._window_start
         ms_per_iter = 1000 * seconds / (step - self._window_first_step)
         loss = iteration_loss.item()
-        mfu = 100 * self._flops_per_token * self._window_tokens / seconds / self._peak
+        model_flops = self._flops_per_token * self._window_tokens / seconds
         if self._peak_note:
             print_line(trainer, self._peak_note)
             self._peak_note = None
+        if model_flops > self._peak and (again := remeasured_peak(pl_module.device, trainer.precision)):
+            # the peak was measured while the machine was busy: measured again; the model's rate is a floor
+            self._peak = max(again, model_flops)
+            print_line(trainer, f"mfu: the peak measured again, the first was low: {self._peak / 1e12:.3g} TFLOP/s")
+        mfu = 100 * model_flops / self._peak
         print_line(trainer, f"iter {step}: loss {loss:.4f}, time {ms_per_iter:.2f}ms, mfu {mfu:.2f}%")
         metrics = {
             ITER_LOSS_TAG: loss,
