@@ -48,10 +48,9 @@ def _become(request: dict, search_path: list[str]) -> None:
         for name in ENVIRONMENT_AT_IMPORT:
             if name in sys.modules:
                 importlib.reload(sys.modules[name])
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY | os.O_TRUNC),
+                                (2, request["stderr"], os.O_WRONLY | os.O_TRUNC)):
+            file = os.open(path, flags | (os.O_CREAT if fd else 0))
             os.dup2(file, fd)
             os.close(file)
         sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
