@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import re
 from time import perf_counter
+from typing import NamedTuple
 
 import torch
 
@@ -69,8 +70,14 @@ def measured_peak(device: torch.device, dtype: torch.dtype) -> float:
     return best
 
 
-def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
-    """The peak FLOP/s of `device` for a run in Lightning's `precision`, and where it comes from."""
+class Peak(NamedTuple):
+    flops: float  # FLOP/s
+    source: str  # where it comes from, for the line that names it
+    measured: bool  # measured here (no datasheet): a busy moment can make it low, so it may be measured again
+
+
+def peak_flops(device: torch.device, precision: str, again: bool = False) -> Peak:
+    """The peak FLOP/s of `device` for a run in Lightning's `precision`; `again`: a measured one anew."""
     dtype = compute_dtype(precision)
     dtype_name = str(dtype).removeprefix("torch.")
     if device.type == "cuda":
@@ -78,19 +85,10 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
         tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
         peak = datasheet_peak(name, TF32 if tf32 else dtype)
         if peak is not None:
-            return peak, f"the {name}'s datasheet {TF32 if tf32 else dtype_name} peak"
+            return Peak(peak, f"the {name}'s datasheet {TF32 if tf32 else dtype_name} peak", measured=False)
+    if again:
+        measured_peak.cache_clear()
     threads = torch.get_num_threads()
     threads = f" with {threads} thread{'s' * (threads > 1)}" if device.type == "cpu" else ""
-    return measured_peak(device, dtype), f"a {dtype_name} matmul peak measured on this {device.type}{threads}"
-
-
-def remeasured_peak(device: torch.device, precision: str) -> float | None:
-    """The measured peak taken again, for a run whose model went faster than the first measurement (taken
-    while the machine was busy with something else); None where the peak is a datasheet's."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        if datasheet_peak(name, compute_dtype(precision)) is not None or datasheet_peak(name, TF32) is not None:
-            return None
-    measured_peak.cache_clear()
-    return measured_peak(device, compute_dtype(precision))
-
+    return Peak(measured_peak(device, dtype), f"a {dtype_name} matmul peak measured on this {device.type}{threads}",
+                measured=True)

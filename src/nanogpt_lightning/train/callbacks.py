@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from nanogpt_lightning.console import print_line
 from nanogpt_lightning.data.prepare import describe_data
 from nanogpt_lightning.errors import TrainingInterrupted
-from nanogpt_lightning.flops import peak_flops, remeasured_peak
+from nanogpt_lightning.flops import peak_flops
 from nanogpt_lightning.metrics import EVAL_BPB_TAGS, EVAL_LOSS_TAGS, ITER_LOSS_TAG
 from nanogpt_lightning.plotting import plot_curves, run_curves
 from nanogpt_lightning.train.checkpoint_io import AtomicCheckpointIO
@@ -72,8 +72,9 @@ class IterationLogger(IterationCallback):
         super().on_train_start(trainer, pl_module)
         self._iteration_loss = None
         self._flops_per_token = pl_module.model.flops_per_token()
-        self._peak, source = peak_flops(pl_module.device, trainer.precision)
-        self._peak_note = f"mfu: the model's flops per second against {source} ({self._peak / 1e12:.3g} TFLOP/s)"
+        self._peak = peak_flops(pl_module.device, trainer.precision)
+        self._peak_note = (f"mfu: the model's flops per second against {self._peak.source} "
+                           f"({self._peak.flops / 1e12:.3g} TFLOP/s)")
         self._start_window(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -95,11 +96,13 @@ class IterationLogger(IterationCallback):
         if self._peak_note:
             print_line(trainer, self._peak_note)
             self._peak_note = None
-        if model_flops > self._peak and (again := remeasured_peak(pl_module.device, trainer.precision)):
+        if model_flops > self._peak.flops and self._peak.measured:
             # the peak was measured while the machine was busy: measured again; the model's rate is a floor
-            self._peak = max(again, model_flops)
-            print_line(trainer, f"mfu: the peak measured again, the first was low: {self._peak / 1e12:.3g} TFLOP/s")
-        mfu = 100 * model_flops / self._peak
+            again = peak_flops(pl_module.device, trainer.precision, again=True)
+            self._peak = again._replace(flops=max(again.flops, model_flops))
+            print_line(trainer, f"mfu: the peak measured again, the first was low: {self._peak.flops / 1e12:.3g} "
+                       "TFLOP/s")
+        mfu = 100 * model_flops / self._peak.flops
         print_line(trainer, f"iter {step}: loss {loss:.4f}, time {ms_per_iter:.2f}ms, mfu {mfu:.2f}%")
         metrics = {
             ITER_LOSS_TAG: loss,
