@@ -7,12 +7,8 @@ a command Hydra cannot parse fails here, naming the README line.
 """
 
 import itertools
-import json
-import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -158,36 +154,6 @@ def localised(argv: list[str], cwd: Path, sweep_dir: Path, runs: list[Path]) -> 
 
 TOOLS = by_script("sample.py", "eval.py", "export.py", "plot_loss.py")
 
-# Runs each command's real script in one process, one after another (runpy, as `python scripts/X.py ARGS` would):
-# PyTorch and Lightning load once instead of once per command, which keeps this file within a minute.
-DRIVER = """
-import json, os, runpy, sys, tempfile, traceback
-from hydra.core.global_hydra import GlobalHydra
-results, jobs, results_file = [], json.loads(open(sys.argv[1]).read()), sys.argv[2]
-saved = {fd: os.dup(fd) for fd in (0, 1, 2)}
-for script, args, stdin in jobs:
-    files = {fd: tempfile.TemporaryFile("w+") for fd in (0, 1, 2)}  # the job's own stdin, stdout, stderr
-    files[0].write(stdin or ""), files[0].flush(), files[0].seek(0)
-    sys.stdout.flush(), sys.stderr.flush()
-    for fd, file in files.items():
-        os.dup2(file.fileno(), fd)
-    sys.argv, code = [script, *args], 0
-    GlobalHydra.instance().clear()
-    try:
-        runpy.run_path(script, run_name="__main__")
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush(), sys.stderr.flush()
-    for fd in (0, 1, 2):
-        os.dup2(saved[fd], fd)
-    files[1].seek(0), files[2].seek(0)
-    results.append({"code": code, "stdout": files[1].read(), "stderr": files[2].read()})
-json.dump(results, open(results_file, "w"))
-"""
-
 
 def tool_args(argv: list[str], cwd: Path, sweep_dir: Path, runs: list[Path]) -> list[str]:
     args = localised(synopsis_removed(argv), cwd, sweep_dir, runs)
@@ -201,21 +167,16 @@ def tool_args(argv: list[str], cwd: Path, sweep_dir: Path, runs: list[Path]) -> 
 
 @pytest.fixture(scope="module")
 def tool_results(tiny):
+    """Each command's real script, one after another (run_script forks the heavy ones from a process that has
+    imported PyTorch and Lightning once, which keeps this file within a minute)."""
     cwd, sweep_dir, runs = tiny
-    jobs = []
+    results = {}
     for param in TOOLS:
         argv = param.values[0]
         args = tool_args(argv, cwd, sweep_dir, runs)
-        stdin = (runs[0] / "train.log").read_text() if "-" in args else None
-        jobs.append((str(ROOT / argv[0]), args, stdin))
-    (cwd / "jobs.json").write_text(json.dumps(jobs))
-    (cwd / "driver.py").write_text(DRIVER)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": str(cwd / "cache")}
-    done = subprocess.run([sys.executable, str(cwd / "driver.py"), str(cwd / "jobs.json"), str(cwd / "results.json")],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    results = json.loads((cwd / "results.json").read_text())
-    return {tuple(param.values[0]): (job[1], result) for param, job, result in zip(TOOLS, jobs, results)}
+        stdin = (runs[0] / "train.log").read_text() if "-" in args else ""
+        results[tuple(argv)] = (args, run_script(Path(argv[0]).name, *args, cwd=cwd, check=False, stdin=stdin))
+    return results
 
 
 @pytest.mark.parametrize("argv", TOOLS)
@@ -223,17 +184,17 @@ def test_tool_commands_run_on_a_tiny_run(argv, tiny, tool_results):
     _, sweep_dir, _ = tiny
     args, result = tool_results[tuple(argv)]
     script = Path(argv[0]).name
-    assert result["code"] == 0, f"{' '.join(argv)} failed:\n{result['stdout']}\n{result['stderr']}"
+    assert result.returncode == 0, f"{' '.join(argv)} failed:\n{result.stdout}\n{result.stderr}"
     if script == "plot_loss.py" and str(sweep_dir) in args:  # the ranking the README shows
-        assert re.search(r"^run\s+val loss\s+val bpb\s+n_embd$", result["stdout"], re.M), result["stdout"]
+        assert re.search(r"^run\s+val loss\s+val bpb\s+n_embd$", result.stdout, re.M), result.stdout
     if script == "eval.py":
         assert re.search(r"^loss \d+\.\d{4} nats per token, perplexity [\d.]+, bits per byte \d+\.\d{4}$",
-                         result["stdout"], re.M), result["stdout"]
+                         result.stdout, re.M), result.stdout
     if script == "export.py":
         out = Path(next(a for a in args if a.startswith("out=")).split("=", 1)[1])
         assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     if script == "sample.py" and "--cfg" not in args:
-        assert "-" * 15 in result["stdout"], result["stdout"]
+        assert "-" * 15 in result.stdout, result.stdout
 
 
 def test_a_readme_train_command_trains_end_to_end(tiny):

@@ -34,16 +34,17 @@ FORKED = ("train.py", "sample.py", "eval.py", "export.py")
 TIMEOUT_S = 300
 
 
-def run_script(script: str, *args: str, cwd: Path, check: bool = True,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run scripts/<script> as a user would; no network-dependent cache is shared with the user's."""
+def run_script(script: str, *args: str, cwd: Path, check: bool = True, env: dict[str, str] | None = None,
+               stdin: str = "") -> subprocess.CompletedProcess:
+    """Run scripts/<script> as a user would, `stdin` its standard input; no network-dependent cache is shared
+    with the user's."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": str(cwd / "cache"), **(env or {})}
     path = str(ROOT / "scripts" / script)
     if script in FORKED and os.environ.get("NANOGPT_TEST_FORK") != "0":
-        result = _forked(path, list(args), cwd, env)
+        result = _forked(path, list(args), cwd, env, stdin)
     else:
-        result = subprocess.run([sys.executable, path, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                                timeout=TIMEOUT_S)
+        result = subprocess.run([sys.executable, path, *args], cwd=cwd, env=env, input=stdin, capture_output=True,
+                                text=True, timeout=TIMEOUT_S)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -62,7 +63,7 @@ def _reply(server: subprocess.Popen, timeout: float) -> dict:
     return json.loads(line)
 
 
-def _forked(path: str, args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+def _forked(path: str, args: list[str], cwd: Path, env: dict[str, str], stdin: str) -> subprocess.CompletedProcess:
     global _server
     with _server_lock, tempfile.TemporaryDirectory() as tmp:
         if _server is None or _server.poll() is not None:
@@ -70,8 +71,10 @@ def _forked(path: str, args: list[str], cwd: Path, env: dict[str, str]) -> subpr
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
             atexit.register(_server.kill)
             _reply(_server, TIMEOUT_S)  # ready
-        out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-        request = {"script": path, "args": args, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
+        given, out, err = Path(tmp, "stdin"), Path(tmp, "stdout"), Path(tmp, "stderr")
+        given.write_text(stdin)
+        request = {"script": path, "args": args, "cwd": str(cwd), "env": env, "stdin": str(given), "stdout": str(out),
+                   "stderr": str(err)}
         _server.stdin.write((json.dumps(request) + "\n").encode())
         pid = _reply(_server, TIMEOUT_S)["pid"]
         try:

@@ -48,7 +48,7 @@ def _become(request: dict, search_path: list[str]) -> None:
         for name in ENVIRONMENT_AT_IMPORT:
             if name in sys.modules:
                 importlib.reload(sys.modules[name])
-        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY | os.O_TRUNC),
+        for fd, path, flags in ((0, request["stdin"], os.O_RDONLY), (1, request["stdout"], os.O_WRONLY | os.O_TRUNC),
                                 (2, request["stderr"], os.O_WRONLY | os.O_TRUNC)):
             file = os.open(path, flags | (os.O_CREAT if fd else 0))
             os.dup2(file, fd)
