@@ -60,7 +60,7 @@ def train_rules(model_config: type = GPTConfig) -> dict[str, Rule]:
         "data.data_dir": text("DIR"),
         "data.tokenizer": choice("char", "gpt2"),
         "data.sha256": Rule("a SHA-256 (64 hexadecimal digits)", "'" + "0" * 64 + "'",
-                            lambda v: isinstance(v, str) and len(v) == 64 and all(c in HEX_DIGITS for c in v.lower()),
+                            lambda v: isinstance(v, str) and len(v) == 64 and all(c in HEX_DIGITS for c in v),
                             nullable=True),
         "data.val_fraction": number("0.1", below=1),
         "data.text_field": text("text"),
